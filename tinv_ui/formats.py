@@ -1,0 +1,421 @@
+"""Read and write embedding files in every layout the TI ecosystem uses (A1111 spec §4, peers §8).
+
+Layouts we read (detected from the keys, not the file name; see `_from_dict`):
+- **a1111**: `.pt` dict with `string_to_param {"*": [n, d]}` plus name/step/sd_checkpoint metadata;
+- **rinongal**: the original repo's `.pt`, whose `string_to_param` is an `nn.ParameterDict`;
+- **sdxl**: `{"clip_l": [n, 768], "clip_g": [n, 1280]}`, kept together in `Embedding.parts`;
+- **kohya**: `{"emb_params": [n, d]}` in `.safetensors` or `.pt`;
+- **diffusers**: `{token: [d] | [n, d]}` in `.bin` / `.safetensors` (1-D tensors become `[1, d]`);
+- **image**: PNG/WebP carrying the A1111 dict in an `sd-ti-embedding` text chunk or in its pixels
+  (codec in `image_embedding.py`).
+
+Pickles (`.pt`, `.bin`) are loaded with `torch.load(weights_only=True)` plus a short allow-list of the
+harmless types A1111-era files contain. Anything else is refused before it runs (`UnsafeFileError`).
+Every write goes through `fileio.atomic_write`, so a crash never leaves a half-written embedding.
+"""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+import logging
+import pickle
+import re
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .embedding import Embedding
+from .errors import EmbeddingFormatError, UnsafeFileError
+from .fileio import atomic_write
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".pt", ".bin")
+IMAGE_SUFFIXES = (".png", ".webp")
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", *IMAGE_SUFFIXES)
+LAYOUTS = ("a1111", "kohya", "diffusers", "sdxl", "image")
+A1111_TOKEN_ID = 265  # the constant A1111 writes under string_to_token; ignored on load
+META_KEYS = ("sd_checkpoint", "sd_checkpoint_name")  # kept verbatim on every round trip that can hold them
+
+
+class NotAnEmbeddingImage(EmbeddingFormatError):
+    """An image with neither an `sd-ti-embedding` chunk nor pixel data: a preview, not an embedding."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------
+def read(path: str | Path) -> Embedding:
+    """Load the embedding in `path`, whatever its layout.
+
+    The name is the file stem (A1111 rule), except for image embeddings, which carry their own name.
+    `meta["format"]` records the layout found. Raises `EmbeddingFormatError` (unknown layout, corrupt,
+    empty, NaN) or `UnsafeFileError` (a pickle that wanted to run code; it was not run).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in EMBEDDING_SUFFIXES:
+        raise EmbeddingFormatError(f"{path.name}: {suffix or 'no extension'} is not an embedding file; "
+                                   f"use one of {', '.join(EMBEDDING_SUFFIXES)}.")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise EmbeddingFormatError(f"{path.name}: cannot be read ({e.strerror}).") from e
+    if size == 0:
+        raise EmbeddingFormatError(f"{path.name} is empty (0 bytes); delete it or copy the file again.")
+    if suffix in IMAGE_SUFFIXES:
+        return _read_image(path)
+    if suffix in PICKLE_SUFFIXES:
+        data, file_meta = _load_pickle(path), {}
+    else:
+        data, file_meta = _load_safetensors(path)
+    emb = _from_dict(data, path.stem, path.name)
+    return _with_file_meta(emb, file_meta)
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EmbeddingFormatError(f"{path.name} is not a valid safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _safe_globals() -> list[Any]:
+    """The types an A1111-era pickle may name; each only rebuilds data, none can run code."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray  # numpy 2
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    allowed: list[Any] = [
+        torch.nn.ParameterDict, torch.nn.Parameter, collections.OrderedDict, set,  # rinongal ParameterDict
+        np.ndarray, np.dtype,
+        (multiarray.scalar, "numpy.core.multiarray.scalar"), (multiarray.scalar, "numpy._core.multiarray.scalar"),
+        (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+        (multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+    ]
+    allowed += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.bool_)]
+    return allowed
+
+
+_RE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            # torch warns about protocol-4 pickles before refusing them; the refusal below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = _RE_GLOBAL.search(text)
+        if found or ("unsupported" in text.lower() and _is_pickle_stream(path)):
+            what = f"it asks for {found.group(1)}" if found else "it uses pickle instructions outside the safe subset"
+            raise UnsafeFileError(
+                f"{path.name} was refused and not executed: {what}, which an embedding never needs. "
+                "Only load files from sources you trust; ask for a .safetensors version."
+            ) from e
+        raise EmbeddingFormatError(f"{path.name} is not a readable torch file (truncated or corrupt?): {text[:200]}") from e
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, AttributeError, TypeError, IndexError) as e:
+        # torch.load reports damaged files through many exception types; all mean "not readable".
+        raise EmbeddingFormatError(f"{path.name} is not a readable torch file (truncated or corrupt?): {e}") from e
+
+
+def _is_pickle_stream(path: Path) -> bool:
+    """True for a torch zip or a well-formed raw pickle: refusing it is then a safety decision, while
+    random bytes (which the restricted unpickler also calls "unsupported") are just a corrupt file.
+    Parsing opcodes with pickletools executes nothing."""
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            for _ in pickletools.genops(f):
+                pass
+    except (ValueError, EOFError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def _as_tensor(value: Any, where: str, key: str) -> torch.Tensor:
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise EmbeddingFormatError(f"{where}: {key} holds {type(value).__name__}, not a tensor.")
+    t = value.detach().to("cpu")
+    if t.dim() == 1:  # diffusers' single-vector files store [d]
+        t = t.unsqueeze(0)
+    if t.dim() != 2 or t.shape[0] == 0:
+        raise EmbeddingFormatError(f"{where}: {key} has shape {tuple(value.shape)}; expected [num_vectors, width].")
+    if not t.is_floating_point():
+        raise EmbeddingFormatError(f"{where}: {key} has dtype {t.dtype}; expected floating point vectors.")
+    if not torch.isfinite(t).all():
+        raise EmbeddingFormatError(
+            f"{where}: {key} contains NaN or infinite values (a training run diverged); "
+            "use an earlier saved copy of this embedding."
+        )
+    return t.to(torch.float32).contiguous()
+
+
+def _from_dict(data: Any, name: str, where: str, source: str = "") -> Embedding:
+    """Detect the layout of a loaded dict by its keys (a flat chain, in A1111's detection order)."""
+    if not isinstance(data, collections.abc.Mapping):
+        raise EmbeddingFormatError(f"{where} holds a {type(data).__name__}, not an embedding dict.")
+    if "string_to_param" in data:
+        # A1111 dict, or the original repo's ParameterDict: exactly one term, under whatever key it has.
+        fmt, emb = _read_a1111(data, name, where)
+    elif "clip_g" in data and "clip_l" in data:
+        # SDXL: both encoders' vectors, kept together (width 768 + 1280).
+        fmt, emb = "sdxl", _read_sdxl(data, name, where)
+    elif "emb_params" in data:
+        # kohya sd-scripts (SD 1.x/2.x).
+        fmt, emb = "kohya", Embedding(name, _as_tensor(data["emb_params"], where, "emb_params"))
+    elif len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
+        # diffusers concept {token: tensor}: the token text is kept only to write it back.
+        fmt, emb = "diffusers", _read_diffusers(data, name, where)
+    else:
+        # Anything else: say which keys we saw, so the user can tell what tool wrote the file.
+        keys = [repr(k) for k in data.keys()]
+        shown = ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else "") if keys else "none"
+        raise EmbeddingFormatError(
+            f"{where}: unknown embedding layout (keys found: {shown}); expected string_to_param (A1111), "
+            "clip_l + clip_g (SDXL), emb_params (kohya) or a single {token: tensor} (diffusers)."
+        )
+    return _finish(emb, data, source or fmt)
+
+
+def _read_a1111(data: collections.abc.Mapping, name: str, where: str) -> tuple[str, Embedding]:
+    params = data["string_to_param"]
+    fmt = "rinongal" if isinstance(params, torch.nn.ParameterDict) else "a1111"
+    if not isinstance(params, (collections.abc.Mapping, torch.nn.ParameterDict)) or len(params) != 1:
+        count = len(params) if hasattr(params, "__len__") else "no"
+        raise EmbeddingFormatError(f"{where}: string_to_param has {count} terms; an embedding file must hold exactly one.")
+    ((key, value),) = params.items()
+    return fmt, Embedding(name, _as_tensor(value, where, f"string_to_param[{key!r}]"), meta={"token_key": key})
+
+
+def _read_sdxl(data: collections.abc.Mapping, name: str, where: str) -> Embedding:
+    parts = {k: _as_tensor(data[k], where, k) for k in ("clip_l", "clip_g")}
+    if parts["clip_l"].shape[0] != parts["clip_g"].shape[0]:
+        raise EmbeddingFormatError(f"{where}: clip_l has {parts['clip_l'].shape[0]} vectors but clip_g "
+                                   f"{parts['clip_g'].shape[0]}; they must match.")
+    return Embedding(name, parts=parts)
+
+
+def _read_diffusers(data: collections.abc.Mapping, name: str, where: str) -> Embedding:
+    ((token, value),) = data.items()
+    meta = {"token": str(token), "squeezed": value.dim() == 1}  # written back 1-D if it came 1-D
+    return Embedding(name, _as_tensor(value, where, repr(token)), meta=meta)
+
+
+def _finish(emb: Embedding, data: collections.abc.Mapping, fmt: str) -> Embedding:
+    """Attach what every layout may carry beside its tensors: step, checkpoint, internal name, dtype."""
+    for key in META_KEYS:
+        emb.meta.setdefault(key, data.get(key))
+    if isinstance(data.get("name"), str):
+        emb.meta.setdefault("internal_name", data["name"])
+    emb.meta["format"] = fmt
+    dtype = _first_dtype(data)
+    if dtype is not None and dtype != torch.float32 and not fmt.startswith("image"):  # JSON decodes as float64
+        emb.meta["dtype"] = str(dtype).removeprefix("torch.")
+    step = _int_or_none(data.get("step"))
+    return replace(emb, step=step) if step is not None else emb
+
+
+def _first_dtype(data: Any) -> torch.dtype | None:
+    for value in data.values() if isinstance(data, (dict, collections.abc.Mapping)) else ():
+        if isinstance(value, torch.Tensor):
+            return value.dtype
+        if isinstance(value, (dict, collections.abc.Mapping)):
+            inner = _first_dtype(value)
+            if inner is not None:
+                return inner
+    return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _with_file_meta(emb: Embedding, file_meta: dict[str, str]) -> Embedding:
+    """Take step/checkpoint from safetensors metadata (where we keep them, since the tensors can't)."""
+    if not file_meta:
+        return emb
+    for key in META_KEYS:
+        if key in file_meta:
+            emb.meta[key] = file_meta[key]
+    if "name" in file_meta:
+        emb.meta["internal_name"] = file_meta["name"]
+    step = _int_or_none(file_meta.get("step"))
+    if step is not None and emb.step is None:
+        emb = replace(emb, step=step)
+    return emb
+
+
+def _read_image(path: Path) -> Embedding:
+    from . import image_embedding
+
+    try:
+        data, source = image_embedding.read_image_data(path)
+    except image_embedding.ImageDataError as e:
+        raise EmbeddingFormatError(f"{path.name}: embedding data in the image is damaged: {e}") from e
+    if data is None:
+        raise NotAnEmbeddingImage(f"{path.name} is an image without embedding data (a preview?).")
+    name = data.get("name") if isinstance(data.get("name"), str) and data.get("name") else path.stem
+    return _from_dict(data, name, path.name, source=source)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------
+def layout_for(path: Path, embedding: Embedding) -> str:
+    """The layout a file name implies: .pt A1111, .safetensors kohya (SDXL pair; diffusers files stay
+    diffusers), .bin diffusers, .png/.webp image."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if embedding.is_sdxl:
+        return "sdxl"
+    if suffix == ".safetensors" and embedding.meta.get("format") == "diffusers":
+        return "diffusers"  # a diffusers learned_embeds.safetensors keeps its {token: tensor} layout
+    return {".pt": "a1111", ".safetensors": "kohya", ".bin": "diffusers"}.get(suffix, "")
+
+
+def write(embedding: Embedding, path: str | Path, layout: str | None = None, *, token: str | None = None,
+          image: Any = None) -> Path:
+    """Write `embedding` to `path` atomically and return the path.
+
+    `layout` overrides the one implied by the suffix: "a1111", "kohya" (`emb_params`), "diffusers"
+    (`{token: tensor}`, token defaults to the one read or the name), "sdxl" or "image" (PNG/WebP; `image`
+    is the picture to carry the data, a plain card by default).
+    """
+    path = Path(path)
+    layout = layout or layout_for(path, embedding)
+    if not layout:
+        raise EmbeddingFormatError(f"{path.name}: the suffix {path.suffix or '(none)'} names no embedding layout; "
+                                   f"use one of {', '.join(EMBEDDING_SUFFIXES)}.")
+    if layout not in LAYOUTS:
+        raise EmbeddingFormatError(f"{path.name}: layout {layout!r} is unknown; use one of {', '.join(LAYOUTS)}.")
+    _check_writable(embedding, layout, path)
+    if layout == "image":
+        from . import image_embedding
+
+        data = a1111_dict(embedding)
+        return atomic_write(path, lambda tmp: image_embedding.save_embedding_image(tmp, data, image, path.suffix))
+    tensors = _tensors_for(embedding, layout, token)
+    if path.suffix.lower() == ".safetensors":
+        return atomic_write(path, lambda tmp: _save_safetensors(tensors, tmp, _safetensors_meta(embedding)))
+    payload = a1111_dict(embedding) if layout in ("a1111", "sdxl") else tensors
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _check_writable(embedding: Embedding, layout: str, path: Path) -> None:
+    tensors = [embedding.vectors] if embedding.vectors is not None else list(embedding.parts.values())
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise EmbeddingFormatError(f"{path.name}: the vectors contain NaN or infinite values; not written.")
+    if embedding.is_sdxl and layout not in ("sdxl", "image"):
+        raise EmbeddingFormatError(f"{path.name}: an SDXL embedding (clip_l + clip_g) can only be written as "
+                                   "layout 'sdxl' (.safetensors or .pt).")
+    if not embedding.is_sdxl and layout == "sdxl":
+        raise EmbeddingFormatError(f"{path.name}: layout 'sdxl' needs clip_l + clip_g parts; this embedding has one tensor.")
+    if (layout == "image") != (path.suffix.lower() in IMAGE_SUFFIXES):
+        raise EmbeddingFormatError(f"{path.name}: layout {layout!r} does not fit the suffix {path.suffix or '(none)'}; "
+                                   f"image embeddings are {' or '.join(IMAGE_SUFFIXES)} files and only they.")
+    if layout == "a1111" and path.suffix.lower() == ".safetensors":
+        raise EmbeddingFormatError(f"{path.name}: the A1111 dict is a pickle; write it to a .pt file "
+                                   "(or use layout 'kohya' for .safetensors).")
+
+
+def _clean(t: torch.Tensor) -> torch.Tensor:
+    # A fresh contiguous copy: torch.save would otherwise store a view's whole underlying storage.
+    return t.detach().to("cpu", torch.float32).contiguous().clone()
+
+
+def _tensors_for(embedding: Embedding, layout: str, token: str | None) -> dict[str, torch.Tensor]:
+    if layout == "sdxl":
+        return {k: _clean(embedding.parts[k]) for k in ("clip_l", "clip_g")}
+    vectors = _clean(embedding.vectors)
+    if layout == "diffusers":
+        key = token or embedding.meta.get("token") or embedding.name
+        squeeze = embedding.meta.get("squeezed") and vectors.shape[0] == 1
+        return {key: vectors[0].clone() if squeeze else vectors}
+    return {"emb_params": vectors}
+
+
+def a1111_dict(embedding: Embedding) -> dict[str, Any]:
+    """The A1111 `.pt` dict (spec §4.1); SDXL embeddings keep their clip_l/clip_g pair instead."""
+    base: dict[str, Any] = {"name": embedding.name, "step": embedding.step}
+    base.update({k: embedding.meta.get(k) for k in META_KEYS})
+    if embedding.is_sdxl:
+        return {"clip_l": _clean(embedding.parts["clip_l"]), "clip_g": _clean(embedding.parts["clip_g"]), **base}
+    return {"string_to_token": {"*": A1111_TOKEN_ID}, "string_to_param": {"*": _clean(embedding.vectors)}, **base}
+
+
+def _safetensors_meta(embedding: Embedding) -> dict[str, str]:
+    meta = {"name": embedding.name}
+    if embedding.step is not None:
+        meta["step"] = str(embedding.step)
+    meta.update({k: str(embedding.meta[k]) for k in META_KEYS if embedding.meta.get(k) is not None})
+    return meta
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp), metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer sidecar (A1111 §4.6)
+# ----------------------------------------------------------------------------------------------------
+def optim_path(embedding_path: str | Path) -> Path:
+    """`<file>.optim` beside the embedding (A1111: `name.pt.optim`)."""
+    p = Path(embedding_path)
+    return p.with_name(p.name + ".optim")
+
+
+def write_optim(embedding_path: str | Path, embedding: Embedding, optimizer_state_dict: dict) -> Path:
+    """Write the optimizer state next to the embedding, tagged with the vectors' checksum."""
+    payload = {"hash": embedding.checksum(), "optimizer_state_dict": optimizer_state_dict}
+    return atomic_write(optim_path(embedding_path), lambda tmp: torch.save(payload, tmp))
+
+
+def read_optim(embedding_path: str | Path, embedding: Embedding) -> dict | None:
+    """The saved optimizer state, or None when there is none or it belongs to other vectors.
+
+    A damaged sidecar is not worth failing a run over: it is logged and ignored (training restarts
+    AdamW from scratch, as A1111 does).
+    """
+    path = optim_path(embedding_path)
+    if not path.is_file():
+        return None
+    try:
+        data = _load_pickle(path)
+    except EmbeddingFormatError as e:
+        log.warning("ignoring optimizer state %s: %s", path.name, e)
+        return None
+    if not isinstance(data, dict) or "optimizer_state_dict" not in data:
+        log.warning("ignoring optimizer state %s: unexpected layout", path.name)
+        return None
+    if data.get("hash") != embedding.checksum():
+        log.info("optimizer state %s belongs to other vectors (hash %s); starting fresh", path.name, data.get("hash"))
+        return None
+    return data["optimizer_state_dict"]
