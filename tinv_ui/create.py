@@ -1,0 +1,99 @@
+"""Create a new embedding file from initializer text (A1111 spec §1).
+
+Vector i of n copies token row floor(i*T/n) of the initializer's T tokens (the text tokenized without
+BOS/EOS and truncated to n): fewer tokens than vectors repeat in order (t0,t0,t1,t1), more are cut.
+Rows are the raw token embeddings, before position embeddings. An empty initializer gives zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from . import formats
+from .config import CreateConfig, EmbeddingFileFormat
+from .embedding import Embedding, sanitize_name
+from .errors import ConfigError, InvalidNameError
+
+log = logging.getLogger(__name__)
+
+# File systems allow 255 bytes per name; the atomic-write temp name (".<file>.XXXXXXXX.tmp") and the
+# ".optim" sidecar add up to ~25 bytes, so the embedding's own file name must stay well below.
+MAX_FILENAME_BYTES = 200
+
+
+def init_token_ids(tokenizer, text: str, num_vectors: int) -> list[int]:
+    """Token ids of the initializer, no BOS/EOS, at most `num_vectors` of them (A1111 SD1 rule)."""
+    if text == "":
+        return []
+    ids = list(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
+    if not ids:
+        raise ConfigError("initializer has no tokens; leave it empty for zero vectors.")
+    return ids[:num_vectors]
+
+
+def spread_rows(rows: torch.Tensor, num_vectors: int) -> torch.Tensor:
+    """`[num_vectors, d]` from T rows: vector i is row floor(i*T/num_vectors)."""
+    t = rows.shape[0]
+    index = torch.tensor([i * t // num_vectors for i in range(num_vectors)], dtype=torch.long)
+    return rows[index].clone()
+
+
+def target_path(embeddings_dir: Path, name: str, file_format: EmbeddingFileFormat) -> Path:
+    """`<dir>/<name>.<ext>`, refusing names that would escape the folder or exceed file-name limits."""
+    filename = f"{name}.{EmbeddingFileFormat(file_format).value}"
+    if len(filename.encode("utf-8")) > MAX_FILENAME_BYTES:
+        raise InvalidNameError(f"name is {len(name.encode('utf-8'))} bytes in UTF-8; the file name must fit in "
+                               f"{MAX_FILENAME_BYTES} bytes. Use a shorter name.")
+    folder = Path(embeddings_dir).resolve()
+    path = folder / filename
+    if path.parent != folder:  # sanitize_name already refuses '/', this is the belt to its braces
+        raise InvalidNameError(f"name {name!r} would leave the embeddings folder; use a plain name.")
+    return path
+
+
+def check_target(cfg: CreateConfig, embeddings_dir: str | Path) -> Path:
+    """The file `cfg` would create, after the name and overwrite checks (no model needed)."""
+    name = sanitize_name(cfg.name, "name")
+    path = target_path(Path(embeddings_dir), name, cfg.file_format)
+    _check_existing(path, cfg.overwrite)
+    return path
+
+
+def _check_existing(path: Path, overwrite: bool) -> None:
+    """Refuse to replace a file (or shadow one of another format) unless overwrite is on."""
+    same_name = [path.with_suffix(s) for s in formats.EMBEDDING_SUFFIXES if path.with_suffix(s).exists()]
+    if same_name and not overwrite:
+        raise InvalidNameError(
+            f"name: an embedding called {path.stem!r} already exists ({same_name[0].name}); "
+            "turn on overwrite to replace it, or choose another name."
+        )
+    others = [p for p in same_name if p.suffix != path.suffix]
+    if others:  # overwriting would leave two files with one name; the library could pick the old one
+        raise InvalidNameError(
+            f"name: {others[0].name} has the same name in another format; delete it first or set "
+            f"file_format to {others[0].suffix.lstrip('.')}."
+        )
+
+
+def create_embedding(studio, cfg: CreateConfig, embeddings_dir: str | Path) -> Path:
+    """Create `<embeddings_dir>/<name>.pt|.safetensors` with step 0 and return its path."""
+    path = check_target(cfg, embeddings_dir)
+    name = path.stem
+    with studio.session(what="creating an embedding"):
+        ids = init_token_ids(studio.tokenizer, cfg.initializer, cfg.num_vectors)
+        matrix = studio.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            if ids:
+                rows = matrix[torch.tensor(ids, device=matrix.device)].detach().to("cpu", torch.float32)
+                vectors = spread_rows(rows, cfg.num_vectors)
+            else:
+                vectors = torch.zeros(cfg.num_vectors, matrix.shape[1], dtype=torch.float32)
+    info = studio.info
+    embedding = Embedding(name, vectors, step=0, meta={"sd_checkpoint": None, "sd_checkpoint_name": None})
+    formats.write(embedding, path)
+    log.info("created %s (%d vectors from %r, model %s)", path, cfg.num_vectors, cfg.initializer,
+             info.label if info else "?")
+    return path
