@@ -101,6 +101,10 @@ class PromptTokenizer:
         self.num_vectors = dict(num_vectors)
         self.bos = int(tokenizer.bos_token_id)
         self.eos = int(tokenizer.eos_token_id)
+        # After the first EOS a chunk is padded with the tokenizer's pad id: EOS for SD 1.x (CLIP), 0 ("!")
+        # for SD 2.x (OpenCLIP), as A1111's `id_pad` does; SD 2 was trained that way.
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad = self.eos if pad is None else int(pad)
         self._index: dict[int, list[tuple[tuple[int, ...], str]]] = {}
         for name in self.num_vectors:
             ids = tuple(self._ids(name))
@@ -132,7 +136,7 @@ class PromptTokenizer:
             out.token_count += len(cur)
             pad = CHUNK_TOKENS - len(cur)
             chunk = len(out.ids)
-            out.ids.append([self.bos] + cur + [self.eos] * (pad + 1))
+            out.ids.append([self.bos] + cur + [self.eos] + [self.pad] * pad)
             out.weights.append([1.0] + cur_w + [1.0] * (pad + 1))
             out.fixes.extend((chunk, pos + 1, name) for pos, name in cur_fixes)
             cur, cur_w, cur_fixes = [], [], []

@@ -1,0 +1,156 @@
+"""tokens.py: emphasis parsing, embedding matching on token ids, chunking, splicing and reversibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinv_ui.tokens import CHUNK_TOKENS, PLACEHOLDER_ID, PromptEncoder, PromptTokenizer, parse_emphasis, spliced
+
+
+# -- emphasis parse table (A1111's own examples) ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("normal text", [("normal text", 1.0)]),
+        ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+        ("(unbalanced", [("unbalanced", 1.1)]),
+        ("\\(literal\\]", [("(literal]", 1.0)]),
+        ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+        ("[less]", [("less", 1 / 1.1)]),
+        ("(x:1.5) y", [("x", 1.5), (" y", 1.0)]),
+        ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+         [("a ", 1.0), ("house", 1.573), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+          (", sun, ", 1.1), ("sky", 1.4641), (".", 1.1)]),
+        ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
+        ("", [("", 1.0)]),
+    ],
+)
+def test_parse_emphasis(text, expected):
+    got = parse_emphasis(text)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected])
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+def _rows(studio, word: str) -> torch.Tensor:
+    ids = studio.tokenizer(word, add_special_tokens=False).input_ids
+    return studio.text_encoder.get_input_embeddings().weight[ids].detach().clone()
+
+
+def _vec(studio, n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, studio.embedding_width, generator=torch.Generator().manual_seed(seed))
+
+
+def _state(studio):
+    emb = studio.text_encoder.get_input_embeddings()
+    te = getattr(studio.text_encoder, "text_model", studio.text_encoder)
+    return len(studio.tokenizer), emb.weight.detach().clone(), te.embeddings.token_embedding
+
+
+# -- matching -----------------------------------------------------------------------------------------------------
+def test_embedding_vectors_replace_the_word(studio):
+    """An embedding whose vector is cat's row encodes exactly like the word 'cat'."""
+    enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {"zqxemb": _rows(studio, "cat")})
+    with torch.no_grad():
+        with_emb, used = enc.encode(["a photo of zqxemb"])
+        plain, none_used = enc.encode(["a photo of cat"])
+    assert used == ["zqxemb"] and none_used == []
+    assert torch.equal(with_emb, plain)
+
+
+def test_case_insensitive_and_longest_match(studio):
+    tok = PromptTokenizer(studio.tokenizer, {"MyStyle": 1, "mystyle-xl": 2})
+    short = tok("a MYSTYLE photo")
+    assert short.used == ["MyStyle"]
+    longer = tok("a mystyle-xl photo")
+    assert longer.used == ["mystyle-xl"]  # the longer id sequence wins over its prefix
+    assert longer.ids[0].count(PLACEHOLDER_ID) == 2
+
+
+def test_multi_vector_embedding_uses_its_slots(studio):
+    tok = PromptTokenizer(studio.tokenizer, {"threevec": 3})
+    plain = tok("a cat")
+    out = tok("a threevec cat")
+    assert out.token_count == plain.token_count + 3
+    assert out.fixes == [(0, 2, "threevec")]  # after BOS and "a"
+    assert out.ids[0][2:5] == [PLACEHOLDER_ID] * 3
+
+
+def test_emphasis_applies_to_every_vector(studio):
+    out = PromptTokenizer(studio.tokenizer, {"threevec": 3})("a (threevec:1.2) cat")
+    assert out.weights[0][2:5] == pytest.approx([1.2] * 3)
+    assert out.weights[0][1] == 1.0 and out.weights[0][5] == 1.0
+
+
+def test_chunking_over_75_tokens(studio):
+    enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {})
+    prompt = " ".join(["cat"] * 80)
+    tp = enc.tokenize(prompt)
+    assert len(tp.ids) == 2 and all(len(c) == CHUNK_TOKENS + 2 for c in tp.ids)
+    with torch.no_grad():
+        cond, _ = enc.encode([prompt, "short"])
+        one, _ = enc.encode([prompt], max_chunks=1)
+    assert cond.shape == (2, 154, studio.embedding_width)
+    assert one.shape == (1, 77, studio.embedding_width)
+
+
+def test_embedding_that_does_not_fit_moves_to_next_chunk(studio):
+    tok = PromptTokenizer(studio.tokenizer, {"threevec": 3})
+    out = tok(" ".join(["cat"] * 74) + " threevec")
+    assert len(out.ids) == 2
+    assert out.fixes == [(1, 1, "threevec")]
+    assert out.ids[0][75:] == [tok.eos, tok.eos]  # first chunk padded with EOS
+
+
+def test_sd2_tokenizer_pads_with_its_pad_id_after_the_first_eos(studio):
+    """OpenCLIP (SD 2.x) pads with id 0 after the first EOS, as A1111 does; SD 1.x pads with EOS."""
+    import copy
+
+    sd2 = copy.deepcopy(studio.tokenizer)
+    sd2.pad_token = "!"
+    assert sd2.pad_token_id == 0
+    ids = PromptTokenizer(sd2, {})("a cat").ids[0]
+    n = len(studio.tokenizer("a cat", add_special_tokens=False).input_ids)
+    assert ids[: n + 2] == [sd2.bos_token_id, *ids[1 : n + 1], sd2.eos_token_id]
+    assert ids[n + 2 :] == [0] * (CHUNK_TOKENS - n)
+    sd1 = PromptTokenizer(studio.tokenizer, {})("a cat").ids[0]
+    assert sd1[:n + 1] == ids[:n + 1] and sd1[n + 1 :] == [studio.tokenizer.eos_token_id] * (CHUNK_TOKENS - n + 1)
+
+
+def test_break_starts_a_new_chunk(studio):
+    out = PromptTokenizer(studio.tokenizer, {})("a cat BREAK a dog")
+    assert len(out.ids) == 2
+
+
+# -- reversibility and gradients -----------------------------------------------------------------------------------
+def test_encoding_leaves_the_model_unchanged(studio):
+    before_len, before_rows, before_module = _state(studio)
+    enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {"threevec": _vec(studio, 3), "onevec": _vec(studio, 1, 1)})
+    with torch.no_grad():
+        enc.encode(["threevec and (onevec:1.3)", "nothing"])
+    after_len, after_rows, after_module = _state(studio)
+    assert after_len == before_len and torch.equal(after_rows, before_rows) and after_module is before_module
+
+
+def test_original_layer_restored_when_the_body_raises(studio):
+    _, _, before_module = _state(studio)
+    with pytest.raises(RuntimeError, match="boom"):
+        with spliced(studio.text_encoder) as splice:
+            assert _state(studio)[2] is splice
+            raise RuntimeError("boom")
+    assert _state(studio)[2] is before_module
+    # an encode that fails inside the text encoder (vectors of the wrong width) also restores it
+    enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {"badwidth": torch.zeros(1, studio.embedding_width + 5)})
+    with pytest.raises(RuntimeError):
+        enc.encode(["badwidth"])
+    assert _state(studio)[2] is before_module
+
+
+def test_gradients_reach_only_the_vectors(studio):
+    vectors = torch.nn.Parameter(_vec(studio, 2))
+    enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {"twovec": vectors})
+    cond, used = enc.encode(["a twovec photo"])
+    cond.sum().backward()
+    assert used == ["twovec"] and vectors.grad is not None and vectors.grad.abs().sum() > 0
+    assert all(p.grad is None for p in studio.text_encoder.parameters())
