@@ -80,17 +80,29 @@ class Studio:
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self, spec: ModelSpec) -> ModelInfo:
-        """Load `spec`, releasing the previous model first. Takes the lock (waits for a training step)."""
+        """Load `spec` and make it the held model. Takes the lock (waits for a training step).
+
+        The new model is read into CPU memory first, so a file that fails to load leaves the previous
+        model in place; only then is the old one released, before the new one moves to the device, so the
+        GPU never holds two models.
+        """
         with self.session(what=f"loading {spec.source}"):
-            self._release()
             t0 = time.perf_counter()
             device, dtype = pick_device_dtype(spec)
             pipe, info = self._load_pipeline(spec)
-            # Frozen UNet/VAE in half precision on GPU; the text encoder stays fp32 (it is small, and the
-            # trained vectors' gradients flow through it). Nothing here ever gets weight gradients.
-            pipe.unet.to(device, dtype).requires_grad_(False).eval()
-            pipe.vae.to(device, dtype).requires_grad_(False).eval()
-            pipe.text_encoder.to(device).requires_grad_(False).eval()
+            self._release()
+            try:
+                # Frozen UNet/VAE in half precision on GPU; the text encoder stays fp32 (it is small, and the
+                # trained vectors' gradients flow through it). Nothing here ever gets weight gradients.
+                pipe.unet.to(device, dtype).requires_grad_(False).eval()
+                pipe.vae.to(device, dtype).requires_grad_(False).eval()
+                pipe.text_encoder.to(device).requires_grad_(False).eval()
+            except RuntimeError as e:  # torch.OutOfMemoryError is one
+                del pipe
+                self._release()
+                first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ModelLoadError(f"{info.label} could not be moved to {device} (no model is loaded now): "
+                                     f"{first_line}") from e
             pipe.set_progress_bar_config(disable=True)
             self._pipe, self.spec, self.info, self.device, self.dtype = pipe, spec, info, device, dtype
             log.info("loaded %s on %s/%s in %.1fs", info.label, device, dtype, time.perf_counter() - t0)
@@ -125,9 +137,8 @@ class Studio:
         return pipe, ModelInfo(source, source.split("/")[-1], None, _native_resolution(pipe), False)
 
     def _release(self) -> None:
-        if self._pipe is None:
-            return
         self._pipe = None
+        self.spec = None
         self.info = None
         gc.collect()
         with contextlib.suppress(Exception):
