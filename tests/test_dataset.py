@@ -1,0 +1,228 @@
+"""Dataset: listing and skip reasons, decoding, captions, buckets, alpha weights, latent cache, flips, sampler."""
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+from conftest import write_images
+from PIL import Image
+
+from tinv_ui import dataset as ds
+from tinv_ui.config import LatentSampling
+from tinv_ui.dataset import (
+    BucketBatchSampler,
+    alpha_weight,
+    build_latent_cache,
+    caption_for,
+    compile_filename_regex,
+    load_dataset,
+    pixels_to_tensor,
+)
+from tinv_ui.errors import ConfigError, DatasetError
+
+
+def test_lists_images_and_reports_skipped_files_with_reasons(tmp_path):
+    folder = tmp_path / "d"
+    write_images(folder, 2, captions=True)
+    (folder / "notes.txt").write_text("hello", encoding="utf-8")
+    good = (folder / "000-a red thing number 0.png").read_bytes()
+    (folder / "broken.png").write_bytes(good[: len(good) // 2])
+    (folder / "sub").mkdir()
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    Image.new("RGB", (40, 30), "blue").save(folder / "photo.jpg")
+    d = load_dataset(folder, (64, 64))
+    assert [p.path.name for p in d.images] == ["000-a red thing number 0.png", "001-a red thing number 1.png", "photo.jpg"]
+    reasons = dict(s.split(": ", 1) for s in d.skipped)
+    assert set(reasons) == {"broken.png", "notes.txt", "sub"}  # sidecars and hidden files are not reported
+    assert reasons["notes.txt"] == "not an image"
+    assert reasons["broken.png"].startswith("cannot be decoded") and "truncated" in reasons["broken.png"]
+    assert "folder" in reasons["sub"]
+    assert all(i.size == (64, 64) for i in d.images)
+
+
+def test_no_usable_image_is_a_dataset_error_listing_the_skipped(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"no usable image \(notes.txt: not an image\)"):
+        load_dataset(folder, (64, 64))
+    (folder / "notes.txt").unlink()
+    with pytest.raises(DatasetError, match="folder is empty"):
+        load_dataset(folder, (64, 64))
+    with pytest.raises(DatasetError, match="is not a folder"):
+        load_dataset(tmp_path / "missing", (64, 64))
+
+
+def test_huge_png_is_skipped_and_huge_jpeg_is_decoded_smaller(tmp_path, monkeypatch):
+    monkeypatch.setattr(ds, "MAX_PIXELS", 200 * 200)
+    Image.new("RGB", (800, 400), "red").save(tmp_path / "big.png")
+    Image.new("RGB", (800, 400), "red").save(tmp_path / "big.jpg")
+    d = load_dataset(tmp_path, None)  # keep_size, so the decoded size is visible
+    assert [i.path.name for i in d.images] == ["big.jpg"]
+    assert d.images[0].size == (200, 96)  # drafted to 1/4 (200x100), then rounded down to multiples of 8
+    assert d.skipped == ("big.png: 800x400 is over the 200x200 pixel limit; downscale it first",)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (80, 64), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    d = load_dataset(tmp_path, None)
+    assert d.images[0].size == (64, 80)
+
+
+def test_palette_transparency_and_rgba_keep_alpha_only_when_asked(tmp_path):
+    p = Image.new("P", (64, 64), 0)
+    p.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    p.paste(1, (0, 0, 32, 64))
+    p.save(tmp_path / "pal.png", transparency=0)
+    rgba = Image.new("RGBA", (64, 64), (10, 20, 30, 255))
+    rgba.save(tmp_path / "rgba.png")
+    d = load_dataset(tmp_path, (64, 64), keep_alpha=True)
+    by = {i.path.name: i for i in d.images}
+    assert by["pal.png"].image.mode == "RGB" and by["pal.png"].alpha is not None
+    alpha = torch.tensor(list(by["pal.png"].alpha.getdata())).reshape(64, 64)
+    assert alpha[:, :30].min() == 255 and alpha[:, 34:].max() == 0  # palette index 0 is transparent
+    assert by["pal.png"].image.getpixel((10, 10)) == (0, 255, 0)  # RGB kept as is, not composited
+    assert load_dataset(tmp_path, (64, 64)).images[0].alpha is None
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    arr = (torch.arange(64 * 64).reshape(64, 64) * 16).numpy().astype("uint16")
+    Image.fromarray(arr).save(tmp_path / "g16.png")
+    img = load_dataset(tmp_path, None).images[0].image
+    assert img.mode == "RGB"
+    assert 200 < img.getpixel((63, 63))[0] < 256 and img.getpixel((0, 0))[0] == 0
+
+
+def test_keep_size_rounds_down_to_multiples_of_8_and_groups_buckets(tmp_path):
+    for i, size in enumerate([(100, 70), (96, 64), (64, 64), (70, 66), (30, 200)]):
+        Image.new("RGB", size, (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    d = load_dataset(tmp_path, None)
+    assert [i.size for i in d.images] == [(96, 64), (96, 64), (64, 64), (64, 64)]
+    assert d.buckets == {(96, 64): [0, 1], (64, 64): [2, 3]}
+    assert d.skipped == ("4.png: 30x200 is too small to train at its own size (keep_size needs 64 px)",)
+    resized = load_dataset(tmp_path, (64, 128))
+    assert {i.size for i in resized.images} == {(64, 128)} and len(resized) == 5
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        "tag a, tag ü\n".encode("utf-8"),
+        b"\xef\xbb\xbf" + "tag a, tag ü".encode("utf-8"),
+        "tag a, tag ü".encode("utf-16"),
+        "tag a, tag ü".encode("latin-1"),
+    ],
+)
+def test_sidecar_captions_in_any_encoding(tmp_path, encoded):
+    Image.new("RGB", (8, 8)).save(tmp_path / "001-x.png")
+    (tmp_path / "001-x.txt").write_bytes(encoded)
+    assert caption_for(tmp_path / "001-x.png") == "tag a, tag ü"
+
+
+def test_uppercase_sidecar_and_unreadable_caption(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "a.TXT").write_text("upper", encoding="utf-8")
+    Image.new("RGB", (64, 64)).save(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("secret", encoding="utf-8")
+    real = type(tmp_path).read_bytes
+
+    def read_bytes(self):
+        if self.name == "b.txt":
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(type(tmp_path), "read_bytes", read_bytes)
+    d = load_dataset(tmp_path, (64, 64))
+    assert [(i.path.name, i.caption) for i in d.images] == [("a.png", "upper")]
+    assert any(s.startswith("b.png: its caption b.txt cannot be read") for s in d.skipped)
+
+
+def test_file_name_captions_strip_leading_numbers_then_apply_the_regex(tmp_path):
+    p = tmp_path / "000001-1-a man in suit.png"
+    assert caption_for(p) == "a man in suit"
+    assert caption_for(p, compile_filename_regex(r"\w+"), ", ") == "a, man, in, suit"
+    # groups do not change what is kept: whole matches are joined
+    assert caption_for(p, compile_filename_regex(r"(m)\w+"), "+") == "man"
+    assert caption_for(tmp_path / "12 cat.png") == "cat"
+    with pytest.raises(ConfigError, match="filename_regex"):
+        compile_filename_regex("(")
+
+
+def test_captions_are_attached_to_images(tmp_path):
+    write_images(tmp_path, 2, captions=True)
+    write_images(tmp_path / "nocap", 1)
+    assert [i.caption for i in load_dataset(tmp_path, (64, 64)).images] == ["caption 0, tag a, tag b", "caption 1, tag a, tag b"]
+    assert load_dataset(tmp_path / "nocap", (64, 64)).images[0].caption == "a red thing number 0"
+
+
+def test_alpha_weight_is_normalised_and_resized_width_first():
+    alpha = Image.new("L", (160, 80), 0)
+    alpha.paste(255, (0, 0, 80, 80))  # left half opaque
+    w = alpha_weight(alpha, (20, 10))
+    assert w.shape == (1, 10, 20)
+    assert w.min() == 0 and torch.isclose(w.mean(), torch.tensor(1.0))
+    assert torch.all(w[..., :10] == 2) and torch.all(w[..., 10:] == 0)
+    assert torch.equal(alpha_weight(None, (4, 3)), torch.ones(1, 3, 4))
+    assert torch.equal(alpha_weight(Image.new("L", (8, 8), 7), (2, 2)), torch.ones(1, 2, 2))  # constant alpha
+
+
+def _one_image_dataset(tmp_path, alpha=False):
+    img = Image.new("RGBA", (64, 64))
+    img.putdata([(x * 4, y * 4, 128, 255 if x < 16 else 0) for y in range(64) for x in range(64)])
+    img.save(tmp_path / "a.png")
+    return load_dataset(tmp_path, (64, 64), keep_alpha=alpha)
+
+
+def test_latent_cache_sampling_methods(studio, tmp_path):
+    vae = studio.pipeline.vae
+    d = _one_image_dataset(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    det = build_latent_cache(vae, d, LatentSampling.DETERMINISTIC, False, False, g)
+    once = build_latent_cache(vae, d, LatentSampling.ONCE, False, False, g)
+    rnd = build_latent_cache(vae, d, LatentSampling.RANDOM, False, False, g)
+    expected = vae.encode(pixels_to_tensor(d.images[0].image)[None]).latent_dist.mean * vae.config.scaling_factor
+    a, _ = det.batch([0], [False])
+    assert a.shape == (1, 4, 8, 8) and torch.allclose(a, expected.detach(), atol=1e-5)
+    assert torch.equal(det.batch([0], [False])[0], a)  # deterministic: always the mean
+    b1, b2 = once.batch([0], [False])[0], once.batch([0], [False])[0]
+    assert torch.equal(b1, b2) and not torch.allclose(b1, a)  # once: one fixed sample
+    r1, r2 = rnd.batch([0], [False], g)[0], rnd.batch([0], [False], g)[0]
+    assert not torch.allclose(r1, r2) and rnd.std is not None  # random: fresh sample each use (mean + std kept)
+    assert det.std is None and once.std is None
+
+
+def test_flip_caches_the_encoded_mirror_image_and_flips_the_weights(studio, tmp_path):
+    vae = studio.pipeline.vae
+    d = _one_image_dataset(tmp_path, alpha=True)
+    cache = build_latent_cache(vae, d, LatentSampling.DETERMINISTIC, True, True)
+    mirror = pixels_to_tensor(d.images[0].image).flip(-1)[None]
+    expected = vae.encode(mirror).latent_dist.mean * vae.config.scaling_factor
+    lat, w = cache.batch([0, 0], [False, True])
+    assert torch.allclose(lat[1], expected[0].detach(), atol=1e-5)
+    assert not torch.allclose(lat[0], lat[1])
+    assert w.shape == (2, 1, 8, 8)
+    assert torch.all(w[0, :, :, :2] > 0) and torch.all(w[0, :, :, 2:] == 0)  # opaque on the left
+    assert torch.equal(w[1], w[0].flip(-1))
+    no_flip = build_latent_cache(vae, d, LatentSampling.DETERMINISTIC, False, False)
+    assert torch.equal(no_flip.batch([0], [True])[0], no_flip.batch([0], [False])[0]) and no_flip.weight is None
+
+
+def test_batch_sampler_keeps_buckets_apart_and_covers_the_epoch():
+    buckets = {(64, 64): [0, 1, 2, 3, 4], (96, 64): [5, 6, 7]}
+    s = BucketBatchSampler(buckets, 2, random.Random(0))
+    assert s.batches_per_epoch == 4
+    seen = Counter()
+    for _ in range(50):
+        epoch = s.epoch()
+        assert len(epoch) == 4
+        for batch in epoch:
+            assert len(batch) == 2
+            assert set(batch) <= set(buckets[(64, 64)]) or set(batch) <= set(buckets[(96, 64)])
+            seen.update(batch)
+    assert set(seen) == set(range(8))  # every image is used over epochs
+    capped = BucketBatchSampler({(8, 8): [0, 1]}, 16, random.Random(0))
+    assert capped.batch_size == 2 and next(iter(capped)) in ([0, 1], [1, 0])

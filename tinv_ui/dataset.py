@@ -1,0 +1,338 @@
+"""Training images: listing, decoding, captions, size buckets, the latent cache and the batch sampler.
+
+Follows A1111's dataset (spec §3) with its quirks fixed:
+- the folder is listed non-recursively and every file is tried with Pillow (no extension list); files that
+  are not usable are reported with a reason instead of being skipped silently;
+- EXIF orientation is applied; palette/RGB images with transparency become RGBA; the alpha channel is kept
+  only as a loss weight (the RGB is used as is, not composited);
+- huge images: anything above `MAX_PIXELS` (8192 x 8192 = 64 MP) is refused with a reason before it is decoded,
+  except JPEGs, which Pillow can decode directly at 1/2, 1/4 or 1/8 scale ("draft" mode) when that brings them
+  under the limit; this guards against decompression bombs without rejecting big camera photos;
+- captions come from a `.txt` sidecar (any encoding, stripped) or the file name (`^[-\\d]+\\s*` removed, then the
+  optional regex's matches joined);
+- images are resized to the training size (bicubic, stretching like A1111), or with `keep_size` rounded down to a
+  multiple of 8 and grouped in same-size buckets;
+- horizontal flips (p = 0.5) are really applied: the mirrored image is encoded into the cache too;
+- alpha weights are resized to the latent size with (width, height) in the right order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import LatentSampling
+from .errors import ConfigError, DatasetError
+from .templates import decode_text
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 8192 * 8192  # 64 MP: larger images are refused before decoding (or drafted smaller, for JPEG)
+MIN_KEEP_SIZE = 64  # with keep_size, smaller images cannot go through the UNet's downsampling
+_LEADING_NUMBERS = re.compile(r"^[-\d]+\s*")
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class _Skip(Exception):
+    """An image that cannot be used; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """One usable image: its file, caption, RGB pixels at the training size and optional alpha (mode L)."""
+
+    path: Path
+    caption: str
+    image: Image.Image
+    alpha: Image.Image | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.image.size
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The usable images of a folder (sorted by file name) and the files that were skipped, with reasons."""
+
+    folder: Path
+    images: tuple[DatasetImage, ...]
+    skipped: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def buckets(self) -> dict[tuple[int, int], list[int]]:
+        """Image indices grouped by (width, height)."""
+        out: dict[tuple[int, int], list[int]] = {}
+        for i, item in enumerate(self.images):
+            out.setdefault(item.size, []).append(i)
+        return out
+
+
+# -- captions ------------------------------------------------------------------------------------------
+
+
+def compile_filename_regex(pattern: str) -> re.Pattern | None:
+    """The `filename_regex` setting compiled, or None when empty; a bad pattern is a `ConfigError`."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"filename_regex {pattern!r} is not a valid regular expression ({e}); e.g. use \\w+") from e
+
+
+def caption_for(path: Path, regex: re.Pattern | None = None, join: str = " ") -> str:
+    """The caption of an image: its `.txt` sidecar (stripped), else its file name (spec §3.2).
+
+    For file names a leading run of digits/dashes is removed (`000001-1-a man.png` -> "a man"); with a regex,
+    only its matches (whole matches, also when the pattern has groups) are kept, joined with `join`.
+    """
+    for suffix in (".txt", ".TXT"):
+        sidecar = path.with_suffix(suffix)
+        if sidecar.is_file():
+            try:
+                return decode_text(sidecar.read_bytes()).strip()
+            except OSError as e:
+                raise _Skip(f"its caption {sidecar.name} cannot be read ({e.strerror or e})") from None
+    text = _LEADING_NUMBERS.sub("", path.stem)
+    if regex is not None:
+        text = join.join(m.group(0) for m in regex.finditer(text))
+    return text
+
+
+# -- images ----------------------------------------------------------------------------------------------
+
+
+def _open_limited(path: Path) -> Image.Image:
+    """Open lazily and refuse (or, for JPEG, draft-decode smaller) anything above MAX_PIXELS."""
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError:
+        raise _Skip("not an image") from None
+    except Image.DecompressionBombError as e:
+        raise _Skip(f"refused as a decompression bomb ({e})") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS and img.format == "JPEG":
+        # draft() decodes at 1/2, 1/4 or 1/8 scale, the smallest that stays at least the requested size; asking
+        # for half the target side makes the result land below the limit (each side < 2x the request).
+        half = math.sqrt(MAX_PIXELS / (w * h)) / 2
+        img.draft("RGB", (max(1, int(w * half)), max(1, int(h * half))))
+    if img.size[0] * img.size[1] > MAX_PIXELS:
+        side = math.isqrt(MAX_PIXELS)
+        raise _Skip(f"{w}x{h} is over the {side}x{side} pixel limit; downscale it first")
+    return img
+
+
+def _to_rgb_and_alpha(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """RGB pixels and the alpha channel (None when the image has none); 16-bit greyscale is scaled to 8 bits."""
+    if img.mode in ("P", "RGB", "L") and "transparency" in img.info:
+        img = img.convert("RGBA")  # palette / single-colour transparency -> a real alpha channel
+    alpha = img.getchannel("A") if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") else None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((arr * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8), "L")
+    return img.convert("RGB"), alpha
+
+
+def _target_size(size: tuple[int, int], train_size: tuple[int, int] | None) -> tuple[int, int]:
+    if train_size is not None:
+        return train_size
+    w, h = size[0] // 8 * 8, size[1] // 8 * 8
+    if min(w, h) < MIN_KEEP_SIZE:
+        raise _Skip(f"{size[0]}x{size[1]} is too small to train at its own size (keep_size needs {MIN_KEEP_SIZE} px)")
+    return w, h
+
+
+def load_image(path: Path, train_size: tuple[int, int] | None, keep_alpha: bool) -> tuple[Image.Image, Image.Image | None]:
+    """Decode one image: EXIF orientation, RGB + optional alpha, resized to `train_size` (None = keep size)."""
+    try:
+        img = _open_limited(path)
+        with img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb, alpha = _to_rgb_and_alpha(img)
+    except _DECODE_ERRORS as e:
+        raise _Skip(f"cannot be decoded ({e})") from None
+    size = _target_size(rgb.size, train_size)
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC)  # stretches, like A1111: no crop
+        alpha = alpha.resize(size, Image.Resampling.BICUBIC) if alpha is not None else None
+    return rgb, (alpha if keep_alpha else None)
+
+
+def _candidates(folder: Path) -> tuple[list[Path], list[str]]:
+    """Files worth trying, and skip reasons for the rest. `.txt` sidecars of other files are captions."""
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name.lower())
+    stems = {p.with_suffix("") for p in entries if p.is_file() and p.suffix.lower() != ".txt"}
+    files, skipped = [], []
+    for p in entries:
+        if p.is_dir():
+            skipped.append(f"{p.name}: a folder (subfolders are not read)")
+        elif p.suffix.lower() == ".txt" and p.with_suffix("") in stems:
+            continue  # a caption sidecar
+        elif p.is_file():
+            files.append(p)
+    return files, skipped
+
+
+def load_dataset(
+    folder: str | Path,
+    train_size: tuple[int, int] | None,
+    filename_regex: str = "",
+    filename_join: str = " ",
+    keep_alpha: bool = False,
+) -> Dataset:
+    """Read every usable image of `folder` (non-recursive). `train_size=None` keeps each image's own size.
+
+    Raises `DatasetError` when the folder is missing or has no usable image (listing what was skipped).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"dataset_dir {str(folder)!r} is not a folder: give the folder of training images.")
+    regex = compile_filename_regex(filename_regex)
+    files, skipped = _candidates(folder)
+    images = []
+    for path in files:
+        try:
+            rgb, alpha = load_image(path, train_size, keep_alpha)
+            images.append(DatasetImage(path, caption_for(path, regex, filename_join), rgb, alpha))
+        except _Skip as e:
+            skipped.append(f"{path.name}: {e}")
+    if not images:
+        listing = "; ".join(skipped) if skipped else "the folder is empty"
+        raise DatasetError(f"dataset_dir {str(folder)!r} has no usable image ({listing}). Add png/jpg/webp images.")
+    for line in skipped:
+        log.info("dataset: skipped %s", line)
+    return Dataset(folder, tuple(images), tuple(skipped))
+
+
+# -- latent cache -------------------------------------------------------------------------------------------
+
+
+def pixels_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image -> float tensor [3, H, W] in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # [H, W, 3]
+    return arr.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def alpha_weight(alpha: Image.Image | None, latent_size: tuple[int, int]) -> torch.Tensor:
+    """Loss weight [1, h, w] from an alpha channel: resized to (w, h), shifted to min 0, scaled to mean 1.
+
+    No alpha, or a constant alpha, gives all ones.
+    """
+    w, h = latent_size
+    if alpha is None:
+        return torch.ones(1, h, w)
+    small = alpha.resize((w, h), Image.Resampling.BOX)  # (width, height): A1111 swapped them
+    weight = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)[None]
+    weight = weight - weight.min()
+    mean = float(weight.mean())
+    return weight / mean if mean > 0 else torch.ones(1, h, w)
+
+
+@dataclass
+class LatentCache:
+    """VAE latents of every image, encoded once; index 1 of each entry is the mirrored image (when flipping).
+
+    `mean[i]` is [F, 4, h, w] (F = 2 with flips, else 1); `std[i]` is kept only for `random` sampling, where a
+    fresh sample `mean + std * noise` is drawn each time the image is used. `weight[i]` is [F, 1, h, w].
+    """
+
+    mean: list[torch.Tensor]
+    std: list[torch.Tensor] | None = None
+    weight: list[torch.Tensor] | None = None
+    flips: bool = False
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def batch(self, indices: Sequence[int], flipped: Sequence[bool], generator: torch.Generator | None = None):
+        """Latents [B, 4, h, w] (float32) and weights [B, 1, h, w] (or None) for one micro-batch."""
+        sel = [(i, int(f and self.flips)) for i, f in zip(indices, flipped)]
+        latents = torch.stack([self.mean[i][f] for i, f in sel])
+        if self.std is not None:
+            std = torch.stack([self.std[i][f] for i, f in sel])
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+            latents = latents + std * noise
+        weights = torch.stack([self.weight[i][f] for i, f in sel]) if self.weight is not None else None
+        return latents, weights
+
+
+def _encode_one(vae, img: Image.Image, flips: bool, device, dtype):
+    """Posterior mean and std [F, 4, h, w] (float32, scaled) of an image and, with flips, its mirror."""
+    x = pixels_to_tensor(img)[None]
+    if flips:
+        x = torch.cat([x, x.flip(-1)])
+    dist = vae.encode(x.to(device, dtype)).latent_dist
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return (dist.mean.float() - shift) * scale, dist.std.float() * scale
+
+
+@torch.no_grad()
+def build_latent_cache(
+    vae, dataset: Dataset, sampling: LatentSampling, flips: bool, use_alpha: bool, generator: torch.Generator | None = None
+) -> LatentCache:
+    """Encode every image (and its mirror with `flips`) once; see `LatentSampling` for the three methods."""
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    means, stds, weights = [], [], []
+    for item in dataset.images:
+        mean, std = _encode_one(vae, item.image, flips, device, dtype)
+        if sampling == LatentSampling.ONCE:  # one posterior sample per image, fixed for the run
+            mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+        means.append(mean)
+        stds.append(std)
+        if use_alpha:
+            w = alpha_weight(item.alpha, (item.size[0] // factor, item.size[1] // factor)).to(device)
+            weights.append(torch.stack([w, w.flip(-1)]) if flips else w[None])
+    random_sampling = sampling == LatentSampling.RANDOM
+    return LatentCache(means, stds if random_sampling else None, weights if use_alpha else None, flips,
+                       [item.size for item in dataset.images])
+
+
+# -- batches -------------------------------------------------------------------------------------------------
+
+
+class BucketBatchSampler:
+    """Endless stream of micro-batches of image indices, each batch from one size bucket (spec §3.4).
+
+    Per epoch (`N // batch_size` batches): each bucket gives its full batches from its shuffled members; the
+    remaining batches come from buckets drawn in proportion to their leftovers, members drawn with replacement
+    (A1111's scheme); then all batches are shuffled. The batch size is capped at the number of images.
+    """
+
+    def __init__(self, buckets: dict[tuple[int, int], list[int]], batch_size: int, rng: random.Random) -> None:
+        self.groups = [list(g) for g in buckets.values()]
+        self.num_images = sum(len(g) for g in self.groups)
+        self.batch_size = max(1, min(batch_size, self.num_images))
+        self.batches_per_epoch = self.num_images // self.batch_size
+        self.rng = rng
+
+    def epoch(self) -> list[list[int]]:
+        """One epoch of batches."""
+        b, batches = self.batch_size, []
+        for g in self.groups:
+            self.rng.shuffle(g)
+            batches += [g[i * b : (i + 1) * b] for i in range(len(g) // b)]
+        leftovers = [len(g) % b for g in self.groups]
+        for _ in range(self.batches_per_epoch - len(batches)):
+            group = self.rng.choices(self.groups, weights=leftovers)[0]
+            batches.append(self.rng.choices(group, k=b))
+        self.rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield from self.epoch()
