@@ -98,8 +98,10 @@ class TrainConfig:
 
     embedding: str = knob("", "Name of the embedding to train (from the embeddings folder).")
     dataset_dir: str = knob("", "Folder of training images (png, jpg, webp, ...); captions from .txt sidecars or file names.")
-    template: str = knob("style_filewords", "Prompt template: a shipped name (style, style_filewords, subject, subject_filewords, none) or a file path.")
-    learn_rate: str = knob("0.005", "Learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5' (rate until step).")
+    template: str = knob("style_filewords", "Prompt template: a shipped name (style, style_filewords, subject, subject_filewords, none) or a file path. Every line needs [name]; a fresh random line is used each time an image is.")
+    learn_rate: str = knob("0.005", "Learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5' (each rate until "
+                           "that step). Unlike A1111 a schedule never ends training early: the last rate continues "
+                           "until max_steps.")
     batch_size: int = knob(1, "Images per micro-batch.", 1, 256)
     gradient_accumulation: int = knob(1, "Micro-batches per optimizer step.", 1, 1024)
     max_steps: int = knob(3000, "Total optimizer steps, counted across resumes (A1111 default 100000 was a footgun).", 1, 10_000_000)
@@ -116,7 +118,7 @@ class TrainConfig:
     filename_regex: str = knob("", "Keep only these regex matches of file names when building captions.")
     filename_join: str = knob(" ", "Join string for the regex matches.")
     preview_every: int = knob(500, "Render preview images every N steps; 0 disables.", 0, 10_000_000)
-    save_every: int = knob(500, "Save a copy of the embedding every N steps; 0 disables.", 0, 10_000_000)
+    save_every: int = knob(500, "Save a copy of the embedding every N steps as <name>-<N>.pt (exactly N steps; A1111's held N-1); 0 disables.", 0, 10_000_000)
     preview_prompt: str = knob("", "Prompt for previews; empty = the first prompt of the current batch.")
     preview_negative_prompt: str = knob("", "Negative prompt for previews.")
     preview_steps: int = knob(20, "Sampling steps for previews.", 1, 150)

@@ -1,0 +1,94 @@
+"""Background training jobs: snapshot, one run at a time, stop, failures, Generate between training steps."""
+
+import time
+
+import pytest
+
+from tinv_ui import formats
+from tinv_ui.config import CreateConfig, GenerateConfig, TrainConfig
+from tinv_ui.create import create_embedding
+from tinv_ui.errors import BusyError
+from tinv_ui.generation import render
+from tinv_ui.jobs import TrainingRunner
+from tinv_ui.library import EmbeddingLibrary
+
+NAME = "jobemb"
+
+
+@pytest.fixture
+def runner(studio, paths):
+    create_embedding(studio, CreateConfig(name=NAME, initializer="cat", num_vectors=1), paths.embeddings_dir)
+    r = TrainingRunner(studio, EmbeddingLibrary(paths.embeddings_dir), paths)
+    yield r
+    if r.current is not None:  # never leave a thread training on the shared studio
+        r.current.stop()
+        assert r.current.wait(60)
+
+
+def config(images, **kw):
+    base = dict(embedding=NAME, dataset_dir=str(images), template="subject", max_steps=4, width=64, height=64,
+                learn_rate="0.01", save_every=2, preview_every=2, preview_steps=1, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def wait_for(condition, timeout=60.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_job_runs_to_the_end_and_its_snapshot_tells_everything(runner, images, paths):
+    assert runner.current is None
+    job = runner.start(config(images))
+    assert job.wait(60)
+    snap = job.snapshot()
+    assert snap.status == "finished" and snap.name == NAME and (snap.step, snap.total) == (4, 4)
+    assert [s for s, _ in snap.losses] == [1, 2, 3, 4] and all(loss > 0 for _, loss in snap.losses)
+    assert [p.name for p in snap.previews] == [f"{NAME}-2.png", f"{NAME}-4.png"]
+    assert snap.last_saved == paths.embeddings_dir / f"{NAME}.pt" and snap.eta == 0
+    assert snap.message == f"Training finished at step 4; saved to {snap.last_saved}"
+    assert snap.log_dir is not None and snap.log_dir.is_dir() and snap.lr == 0.01
+    assert runner.current is job and not job.running
+    assert formats.read(snap.last_saved).step == 4
+
+
+def test_a_second_start_is_refused_and_stop_saves(runner, images, paths):
+    job = runner.start(config(images, max_steps=100_000, preview_every=0, save_every=0))
+    wait_for(lambda: job.snapshot().step >= 1)
+    with pytest.raises(BusyError, match=rf"a training run for {NAME} is already running \(step \d+/100000\); stop it first"):
+        runner.start(config(images))
+    job.stop()
+    assert job.wait(60)
+    snap = job.snapshot()
+    assert snap.status == "interrupted"
+    assert snap.message == f"Training interrupted at step {snap.step}; saved to {paths.embeddings_dir / f'{NAME}.pt'}"
+    assert formats.read(snap.last_saved).step == snap.step
+    second = runner.start(config(images, max_steps=snap.step + 1))  # the slot is free again
+    assert second.wait(60) and second.snapshot().status == "finished"
+
+
+def test_generation_takes_the_lock_between_training_steps(runner, images, studio):
+    job = runner.start(config(images, max_steps=100_000, preview_every=0, save_every=0))
+    wait_for(lambda: job.snapshot().step >= 2)
+    with studio.session(timeout=30, what="generate"):  # served between two steps, not after the run
+        held_at = job.snapshot().step
+        images_out = render(studio, GenerateConfig(prompt=f"a {NAME}", steps=2, width=64, height=64, seed=1), {})
+        time.sleep(0.3)
+        assert job.snapshot().step - held_at <= 1  # the trainer waits for us (at most the step it was in)
+        assert job.snapshot().status == "running"
+    assert images_out[0].image.size == (64, 64)
+    wait_for(lambda: job.snapshot().step > held_at + 1)  # and it goes on afterwards
+    job.stop()
+    assert job.wait(60) and job.snapshot().status == "interrupted"
+
+
+def test_failures_are_captured_in_the_snapshot(runner, images, tmp_path):
+    job = runner.start(config(images, embedding="missing-one"))
+    assert job.wait(60)
+    snap = job.snapshot()
+    assert snap.status == "failed" and "'missing-one' is not loaded" in snap.message
+    (tmp_path / "empty").mkdir()
+    job = runner.start(config(tmp_path / "empty"))
+    assert job.wait(60)
+    assert job.snapshot().status == "failed" and "no usable image" in job.snapshot().message

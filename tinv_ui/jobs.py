@@ -1,0 +1,149 @@
+"""Training runs that outlive a browser tab: a background thread drains `training.train` into a snapshot.
+
+The UI starts a run with `TrainingRunner.start(cfg)` and polls `runner.current.snapshot()`; closing or
+reloading the page does not touch the thread, so the page can re-attach to the running job. The studio
+lock is still taken per optimizer step inside `train`, so Generate requests are served between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .config import Paths, TrainConfig
+from .errors import BusyError, TinvError
+from .events import Finished, Preview, Saved, Started, Step
+from .training import train
+
+log = logging.getLogger(__name__)
+
+MAX_LOSSES = 10_000  # newest (step, loss) points kept for the loss chart
+MAX_PREVIEWS = 64  # newest preview image paths kept
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """A consistent copy of a job's progress, safe to read from any thread."""
+
+    status: str  # "running" | "finished" | "interrupted" | "failed"
+    name: str
+    step: int
+    total: int
+    eta: float | None
+    losses: list[tuple[int, float]]
+    previews: list[Path]
+    last_saved: Path | None
+    message: str
+    log_dir: Path | None
+    lr: float | None = None
+    elapsed: float = 0.0
+    initial_step: int = 0
+    last_prompt: str = ""
+
+
+class TrainingJob:
+    """One training run on a daemon thread. Use `TrainingRunner.start` to create it."""
+
+    def __init__(self, studio, cfg: TrainConfig, library, paths: Paths) -> None:
+        self.cfg = cfg
+        self._args = (studio, cfg, library, paths)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._losses: deque[tuple[int, float]] = deque(maxlen=MAX_LOSSES)
+        self._previews: deque[Path] = deque(maxlen=MAX_PREVIEWS)
+        self._snap = JobSnapshot("running", cfg.embedding, 0, cfg.max_steps, None, [], [], None,
+                                 "Preparing (checks, dataset, latents)...", None)
+        self._thread = threading.Thread(target=self._run, name=f"tinv-train-{cfg.embedding}", daemon=True)
+
+    def start(self) -> "TrainingJob":
+        """Start the thread (once). Returns self."""
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        events = train(*self._args, stop=self._stop)
+        try:
+            for event in events:
+                self._apply(event)
+        except TinvError as e:
+            self._update(status="failed", message=str(e))
+        except Exception as e:  # a bug: keep the traceback in the log and show something readable
+            log.exception("training %s failed", self.cfg.embedding)
+            self._update(status="failed", message=f"Training failed with an unexpected error: {type(e).__name__}: {e}")
+        finally:
+            events.close()
+            if self.snapshot().status == "running":  # ended without Finished or an error: never leave "running"
+                self._update(status="failed", message="Training ended without finishing; see the log.")
+
+    def _apply(self, event) -> None:
+        match event:
+            case Started():
+                self._update(name=event.name, step=event.initial_step, initial_step=event.initial_step,
+                             total=event.total_steps, log_dir=event.log_dir, message=event.message)
+            case Step():
+                with self._lock:
+                    self._losses.append((event.step, float(event.loss)))
+                self._update(step=event.step, eta=event.eta, lr=event.lr, elapsed=event.elapsed)
+            case Preview():
+                with self._lock:
+                    self._previews.extend(event.paths)
+                self._update(last_prompt=event.prompt)
+            case Saved():
+                self._update(last_saved=event.path)
+            case Finished():
+                status = "interrupted" if event.interrupted else "finished"
+                self._update(status=status, step=event.step, eta=0.0, message=event.message,
+                             last_saved=event.path or self._snap.last_saved)
+
+    def _update(self, **changes) -> None:
+        with self._lock:
+            self._snap = replace(self._snap, **changes)
+
+    def snapshot(self) -> JobSnapshot:
+        """The job's progress now (copies of the loss and preview lists)."""
+        with self._lock:
+            return replace(self._snap, losses=list(self._losses), previews=list(self._previews))
+
+    @property
+    def running(self) -> bool:
+        """True until the thread has ended."""
+        return self._thread.is_alive() or self._snap.status == "running"
+
+    def stop(self) -> None:
+        """Ask the run to stop after the current step; it saves the embedding and finishes as "interrupted"."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; True when it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+@dataclass
+class TrainingRunner:
+    """Owns the one training slot of an app: at most one run at a time."""
+
+    studio: object
+    library: object
+    paths: Paths
+    _current: TrainingJob | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, cfg: TrainConfig) -> TrainingJob:
+        """Start training `cfg` on a background thread; `BusyError` if a run is still active."""
+        with self._lock:
+            job = self._current
+            if job is not None and job.running:
+                snap = job.snapshot()
+                raise BusyError(f"a training run for {snap.name} is already running (step {snap.step}/{snap.total}); "
+                                "stop it first.")
+            self._current = TrainingJob(self.studio, cfg, self.library, self.paths).start()
+            return self._current
+
+    @property
+    def current(self) -> TrainingJob | None:
+        """The running or last finished job (None before the first start)."""
+        return self._current
