@@ -1,0 +1,301 @@
+"""txt2img with embeddings: prompts → conditioning (our `PromptEncoder`) → the studio's pipeline → PNGs with infotext.
+
+- `render` draws one batch; the caller holds the studio lock (the trainer calls it for previews with the
+  vectors it is training, the Generate tab through `generate`).
+- `generate` is the request-level workflow: rescan the embeddings folder, then per batch take the lock,
+  render, save; it yields `Step` per denoising step and one `Generated` per batch.
+- `infotext` writes AUTOMATIC1111's "parameters" layout (spec §6) so A1111, civitai and PNG-info readers parse it.
+
+Conditioning is computed here, never by diffusers: diffusers' `clip_skip` is broken with transformers 5 and
+knows nothing about A1111 prompt syntax. Each image gets its own `torch.Generator` seeded `seed + i`, so a
+batch of N reproduces N single runs with the same seeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import queue
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from . import __version__
+from .config import SAMPLERS, GenerateConfig, Paths
+from .errors import ConfigError
+from .events import Generated, Step
+from .fileio import atomic_write
+from .tokens import PromptEncoder
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 4294967294  # A1111's random seed range
+OnStep = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One generated image, its A1111 infotext and the seed that made it."""
+
+    image: Image.Image
+    infotext: str
+    seed: int
+
+
+# Sampler name → (diffusers scheduler class name, extra config, A1111 "Schedule type").
+_SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}, "Automatic"),
+    "Euler": ("EulerDiscreteScheduler", {}, "Automatic"),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}, "Automatic"),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "Karras"),
+    "DDIM": ("DDIMScheduler", {"clip_sample": False}, "Automatic"),  # SD never clips x0
+    "UniPC": ("UniPCMultistepScheduler", {}, "Automatic"),
+    "Heun": ("HeunDiscreteScheduler", {}, "Automatic"),
+    "LMS": ("LMSDiscreteScheduler", {}, "Automatic"),
+}
+assert set(_SCHEDULERS) == set(SAMPLERS), "every sampler offered in config.SAMPLERS needs a scheduler here"
+
+
+def make_scheduler(sampler: str, base_config: Mapping[str, Any]):
+    """A fresh diffusers scheduler for an A1111 sampler name, built from the model's scheduler config."""
+    if sampler not in _SCHEDULERS:
+        raise ConfigError(f"sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
+    import diffusers
+
+    cls_name, extra, _ = _SCHEDULERS[sampler]
+    return getattr(diffusers, cls_name).from_config(dict(base_config), **extra)
+
+
+def resolve_seed(seed: int) -> int:
+    """`-1` → a random seed (A1111's range); any other value is used as is."""
+    return random.randrange(MAX_SEED) if seed == -1 else int(seed)
+
+
+# -- infotext ------------------------------------------------------------------------------------------
+def quote(value: Any) -> str:
+    """A1111 `infotext_utils.quote`: JSON-quote a value that contains ',', ':' or a newline."""
+    text = str(value)
+    if not any(c in text for c in ",:\n"):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _number(value: float) -> str:
+    """7.0 → '7', 7.5 → '7.5' (A1111 shows the slider value as typed)."""
+    return f"{value:g}" if float(value) != int(value) else str(int(value))
+
+
+def ti_hashes(used: list[str], hashes: Mapping[str, str]) -> str | None:
+    """The `TI hashes` value: 'name: hash, ...' for used embeddings that have a hash (':' and ',' removed from names)."""
+    parts = [f"{re.sub(r'[:,]', '', n)}: {hashes[n]}" for n in used if hashes.get(n)]
+    return ", ".join(parts) or None
+
+
+def infotext(cfg: GenerateConfig, seed: int, model_name: str | None, model_hash: str | None, ti: str | None) -> str:
+    """A1111's three-part infotext: prompt, optional 'Negative prompt:' line, then 'Key: value' pairs."""
+    params: dict[str, Any] = {
+        "Steps": cfg.steps,
+        "Sampler": cfg.sampler.removesuffix(" Karras"),
+        "Schedule type": _SCHEDULERS[cfg.sampler][2],
+        "CFG scale": _number(cfg.cfg_scale),
+        "Seed": seed,
+        "Size": f"{cfg.width}x{cfg.height}",
+        "Model hash": model_hash,
+        "Model": model_name,
+        "Clip skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
+        "TI hashes": ti,
+        "Version": f"tinv-ui {__version__}",
+    }
+    line = ", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
+    negative = f"\nNegative prompt: {cfg.negative_prompt}" if cfg.negative_prompt else ""
+    return f"{cfg.prompt}{negative}\n{line}"
+
+
+def save_png(image: Image.Image, path: str | Path, infotext: str) -> Path:
+    """Write `image` as a PNG with the A1111 `parameters` tEXt chunk, atomically. Returns the path."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+# -- rendering --------------------------------------------------------------------------------------------
+def _conditioning(studio, cfg: GenerateConfig, vectors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(cond, uncond, used names) for one batch, both padded to the same chunk count, in the UNet dtype."""
+    encoder = PromptEncoder(studio.tokenizer, studio.text_encoder, vectors)
+    n = cfg.batch_size
+    # One encode for both prompts pads them to the same number of 77-token chunks (the UNet needs equal lengths).
+    cond, used = encoder.encode([cfg.prompt] * n + [cfg.negative_prompt] * n, clip_skip=cfg.clip_skip)
+    unet_dtype = studio.pipeline.unet.dtype
+    return cond[:n].to(unet_dtype), cond[n:].to(unet_dtype), used
+
+
+def _sampling_pipeline(studio, sampler: str):
+    """A throw-away pipeline over the studio's modules with a fresh scheduler and no text encoder.
+
+    Nothing on the studio's own pipeline is mutated (its scheduler stays as loaded). Leaving the text
+    encoder out makes diffusers keep our conditioning in the UNet dtype: with the fp32 encoder present it
+    would cast `prompt_embeds` (and so the latents) to fp32 and break a bf16/fp16 UNet.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    base = studio.pipeline
+    pipe = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=base.unet,
+        scheduler=make_scheduler(sampler, base.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(
+    studio,
+    cfg: GenerateConfig,
+    vectors: Mapping[str, torch.Tensor],
+    hashes: Mapping[str, str] | None = None,
+    on_step: OnStep | None = None,
+) -> list[Rendered]:
+    """Draw one batch of `cfg.batch_size` images with seeds `cfg.seed + i` (-1: random). The caller holds the lock.
+
+    `vectors` maps embedding names to `[n, d]` tensors (they may be trainable parameters: no gradient is
+    recorded here). `on_step(step, total)` is called after each denoising step.
+    """
+    seed = resolve_seed(cfg.seed)
+    seeds = [seed + i for i in range(cfg.batch_size)]
+    device = studio.device
+    with torch.no_grad():
+        cond, uncond, used = _conditioning(studio, cfg, vectors)
+        pipe = _sampling_pipeline(studio, cfg.sampler)
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        images = pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.cfg_scale,
+            width=cfg.width,
+            height=cfg.height,
+            generator=generators,
+            output_type="pil",
+            callback_on_step_end=_step_callback(on_step),
+        ).images
+    info = studio.info
+    ti = ti_hashes(used, hashes or {})
+    name, model_hash = (info.name, info.hash) if info else (None, None)
+    return [Rendered(img, infotext(cfg, s, name, model_hash, ti), s) for img, s in zip(images, seeds)]
+
+
+def _step_callback(on_step: OnStep | None):
+    """Adapt `on_step(step, total)` to diffusers' `callback_on_step_end` (which must return its kwargs)."""
+    if on_step is None:
+        return None
+
+    def callback(pipe, i: int, _t, kwargs: dict) -> dict:
+        on_step(i + 1, pipe.num_timesteps)
+        return kwargs
+
+    return callback
+
+
+# -- the request workflow ---------------------------------------------------------------------------
+class _Cancelled(Exception):
+    """Raised inside the denoising callback to stop a render whose consumer went away."""
+
+
+def _render_streaming(studio, cfg: GenerateConfig, vectors, hashes) -> Iterator[tuple[int, int] | list[Rendered]]:
+    """Run `render` on a worker thread; yield (step, total) as steps finish, then the rendered list.
+
+    The pipeline call blocks, so streaming its steps needs a thread. Closing this generator stops the
+    worker at the next step and waits for it, so the caller's lock is never released under a running render.
+    """
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def on_step(step: int, total: int) -> None:
+        if stop.is_set():
+            raise _Cancelled
+        events.put(("step", (step, total)))
+
+    def work() -> None:
+        try:
+            events.put(("done", render(studio, cfg, vectors, hashes, on_step)))
+        except _Cancelled:
+            events.put(("cancelled", None))
+        except BaseException as e:  # handed to the consumer thread and re-raised there
+            events.put(("error", e))
+
+    worker = threading.Thread(target=work, name="tinv-render", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = events.get()
+            if kind == "step":
+                yield value
+            elif kind == "done":
+                yield value
+                return
+            elif kind == "error":
+                raise value
+    finally:
+        stop.set()
+        worker.join()
+
+
+def output_folder(paths: Paths, today: _dt.date | None = None) -> Path:
+    """outputs/txt2img/<YYYY-MM-DD> (A1111's layout)."""
+    return paths.outputs_dir / "txt2img" / (today or _dt.date.today()).isoformat()
+
+
+def next_image_path(folder: Path, seed: int) -> Path:
+    """`NNNNN-seed.png`, numbered after the highest number already in `folder`."""
+    numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))] if folder.is_dir() else []
+    return folder / f"{max(numbers, default=-1) + 1:05d}-{seed}.png"
+
+
+def generate(studio, cfg: GenerateConfig, library, paths: Paths) -> Iterator[Step | Generated]:
+    """Run `cfg.batch_count` batches of `cfg.batch_size` images with the embeddings folder's embeddings.
+
+    Yields `Step` per denoising step and one `Generated` per batch. The lock is taken per batch, so a
+    running training interleaves (it takes the lock per optimizer step) instead of failing either side.
+    """
+    # 1. Rescan the embeddings folder: files dropped in since the last request are used without a restart.
+    library.refresh(expected_width=studio.embedding_width, tokenizer=studio.tokenizer)
+    vectors, hashes = library.vectors(), library.hashes()
+    base_seed = resolve_seed(cfg.seed)
+    total = cfg.batch_count * cfg.steps
+    t0 = time.perf_counter()
+    for b in range(cfg.batch_count):
+        batch_cfg = replace(cfg, seed=base_seed + b * cfg.batch_size)
+        # 2. Render under the lock; steps are counted across the whole request for the progress bar.
+        with studio.session(what="generating"), contextlib.closing(_render_streaming(studio, batch_cfg, vectors, hashes)) as items:
+            for item in items:
+                if isinstance(item, tuple):
+                    # Heun-like samplers run more than `steps` UNet passes: scale to the requested steps.
+                    done = b * cfg.steps + round(item[0] / item[1] * cfg.steps)
+                    elapsed = time.perf_counter() - t0
+                    yield Step(done, total, elapsed, elapsed / done * (total - done) if done else None)
+                else:
+                    rendered = item
+        # 3. Save outside the lock: disk writes need no GPU.
+        saved = tuple(_save(r, paths) for r in rendered) if cfg.save else ()
+        yield Generated(tuple(r.image for r in rendered), tuple(r.infotext for r in rendered), tuple(r.seed for r in rendered), saved)
+
+
+def _save(rendered: Rendered, paths: Paths) -> Path:
+    folder = output_folder(paths)
+    return save_png(rendered.image, next_image_path(folder, rendered.seed), rendered.infotext)
