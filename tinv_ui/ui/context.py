@@ -1,0 +1,99 @@
+"""What every tab needs: the studio, the embeddings library, the training runner and the folders.
+
+One `UIContext` is built per app in `build_ui`; nothing here is global.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import Paths
+
+
+
+@dataclass
+class UIContext:
+    """The app's long-lived objects, passed to every tab builder."""
+
+    studio: Any  # studio.Studio
+    library: Any  # library.EmbeddingLibrary
+    runner: Any  # jobs.TrainingRunner
+    paths: Paths
+    xformers: bool = False
+
+    def refresh_library(self, force: bool = False) -> bool:
+        """Rescan the embeddings folder for the loaded model's width; True when something changed."""
+        if not self.studio.loaded:
+            return self.library.refresh(force=force)
+        # The same width/tokenizer as `generation.generate` passes, so neither caller forces a rebuild.
+        return self.library.refresh(expected_width=self.studio.embedding_width, tokenizer=self.studio.tokenizer, force=force)
+
+    def embedding_names(self) -> list[str]:
+        return list(self.library.names())
+
+    @property
+    def native_resolution(self) -> int:
+        """The loaded model's native size (64 for the tiny model); 512 when nothing is loaded."""
+        info = self.studio.info
+        return int(info.resolution) if info else 512
+
+    def training_running(self) -> bool:
+        job = self.runner.current
+        return job is not None and job.snapshot().status == "running"
+
+
+def display_path(path: str | Path) -> str:
+    """`path` relative to the working directory when it lies inside it (shorter to read), else absolute."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def format_duration(seconds: float | None) -> str:
+    """1234.5 → '20:34', 4000 → '1:06:40'; None → '?'."""
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress_html(done: int, total: int, label: str, state: str = "running") -> str:
+    """A small progress bar with a text label (`state` picks the colour: running, finished, failed, idle)."""
+    pct = 0 if total <= 0 else max(0.0, min(100.0, 100.0 * done / total))
+    return (
+        f'<div class="tinv-progress tinv-{html.escape(state)}" role="progressbar" aria-valuenow="{pct:.0f}" '
+        f'aria-valuemin="0" aria-valuemax="100"><div class="tinv-bar" style="width:{pct:.1f}%"></div>'
+        f'<span class="tinv-label">{html.escape(label)}</span></div>'
+    )
+
+
+def library_report(library) -> str:
+    """Markdown: how many embeddings are loaded, which were skipped and why, collisions and warnings."""
+    names = library.names()
+    lines = [f"**{len(names)} embedding{'s' if len(names) != 1 else ''} loaded**" + (f": {', '.join(names)}" if names else "")]
+    for s in library.skipped:
+        lines.append(f"- skipped `{s.name}` ({s.path.name}): {s.reason}")
+    lines += [f"- collision: {c}" for c in library.collisions]
+    lines += [f"- warning: {w}" for w in library.warnings]
+    return "\n".join(lines)
+
+
+CSS = """
+.tinv-progress { position: relative; height: 28px; border-radius: 6px; overflow: hidden;
+  background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
+.tinv-bar { position: absolute; inset: 0 auto 0 0; background: var(--color-accent-soft); transition: width .3s; }
+.tinv-finished .tinv-bar { background: #bbf7d0; }
+.tinv-failed .tinv-bar, .tinv-interrupted .tinv-bar { background: #fde68a; }
+.tinv-label { position: relative; display: block; line-height: 28px; padding: 0 10px; font-size: 0.9em;
+  color: var(--body-text-color); white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+#tinv-header h1 { margin: 0; font-size: 1.4em; }
+#tinv-model-status p { margin: 0; }
+.tinv-side-button { align-self: flex-end; margin-bottom: 10px; }
+"""

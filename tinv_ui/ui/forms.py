@@ -1,0 +1,111 @@
+"""Widgets for config fields, and configs back from widget values.
+
+Labels, help (`info=`), ranges and defaults come from the config dataclasses (`config.knob` metadata), so a
+range lives in one place; the layout stays hand-written in each tab. A `Form` remembers which component
+edits which field, adapts handlers to take values by field name, and builds the frozen config.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any
+
+import gradio as gr
+
+from ..config import field_help, field_range
+from ..errors import ConfigError
+
+
+def field_default(cls: type, name: str) -> Any:
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def widget(cls: type, name: str, label: str, *, slider: bool = False, **kw: Any) -> gr.components.Component:
+    """A component for field `name` of config class `cls`: checkbox, dropdown (enums), slider/number, textbox."""
+    default = kw.pop("value", field_default(cls, name))
+    kw.setdefault("info", field_help(cls, name))
+    lo, hi = field_range(cls, name)
+    if isinstance(default, bool):
+        return gr.Checkbox(value=default, label=label, **kw)
+    if isinstance(default, enum.Enum):
+        return gr.Dropdown([e.value for e in type(default)], value=default.value, label=label, **kw)
+    if isinstance(default, (int, float)):
+        step = 1 if isinstance(default, int) else kw.pop("step", 0.1)
+        if slider and lo is not None and hi is not None:
+            return gr.Slider(lo, hi, value=default, step=kw.pop("step", step), label=label, **kw)
+        return gr.Number(value=default, label=label, minimum=lo, maximum=hi, precision=0 if isinstance(default, int) else None, **kw)
+    return gr.Textbox(value=default, label=label, **kw)
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Widget value → field type (Sliders send floats, an emptied Number sends None)."""
+    default = field_default(cls, name)
+    if isinstance(default, bool):
+        return bool(value)
+    if isinstance(default, enum.Enum):
+        return value
+    if isinstance(default, (int, float)):
+        if value is None or value == "":
+            raise ConfigError(f"{name} is empty: enter a number.")
+        if isinstance(default, int) and float(value) != int(value):
+            raise ConfigError(f"{name} is {value}; it must be a whole number.")
+        return type(default)(value)
+    return "" if value is None else str(value)
+
+
+class Form:
+    """Components keyed by config field name; handlers get `{field: value}` and build the config from it."""
+
+    def __init__(self, cls: type, prefix: str) -> None:
+        self.cls = cls
+        self.prefix = prefix  # widgets get elem_id "tinv-<prefix>-<field>" (stable hooks for CSS and browser tests)
+        self.components: dict[str, gr.components.Component] = {}
+
+    def add(self, name: str, label: str, **kw: Any) -> gr.components.Component:
+        """Build and register the widget for field `name` (see `widget`)."""
+        component = widget(self.cls, name, label, elem_id=f"tinv-{self.prefix}-{name}", **kw)
+        self.components[name] = component
+        return component
+
+    def register(self, name: str, component: gr.components.Component) -> gr.components.Component:
+        """Register a hand-built component as the editor of field `name`."""
+        component.elem_id = component.elem_id or f"tinv-{self.prefix}-{name}"
+        self.components[name] = component
+        return component
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        """The components, in the order `handler` expects them."""
+        return list(self.components.values())
+
+    def handler(self, fn: Callable[[dict[str, Any]], Any]) -> Callable:
+        """Adapt `fn(values_by_field_name)` to a Gradio handler over `inputs`.
+
+        The adapter's signature names the fields, so the API (`gradio_client`) takes them as keyword
+        arguments (`name=..., num_vectors=...`) instead of `param_0, param_1, ...`.
+        """
+        names = list(self.components)
+        signature = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+        if inspect.isgeneratorfunction(fn):
+
+            def gen_handler(*values: Any):
+                yield from fn(dict(zip(names, values)))
+
+            handler = gen_handler
+        else:
+
+            def handler(*values: Any) -> Any:
+                return fn(dict(zip(names, values)))
+
+        handler.__signature__ = signature  # type: ignore[attr-defined]
+        handler.__name__ = fn.__name__
+        return handler
+
+    def config(self, values: dict[str, Any], **overrides: Any) -> Any:
+        """The config dataclass from field-name → widget value (validation errors are `ConfigError`s)."""
+        coerced = {name: _coerce(self.cls, name, values[name]) for name in self.components}
+        return self.cls(**{**coerced, **overrides})

@@ -1,0 +1,112 @@
+"""The header's model picker: checkpoints found in models/ plus the clearly labeled tiny test model."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from ..config import ModelSpec
+from ..errors import BusyError, ModelLoadError
+from ..studio import list_models
+from ..tiny_model import TINY_LABEL
+from .context import UIContext
+from .errors import user_errors
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+
+
+@dataclass
+class ModelPicker:
+    dropdown: gr.Dropdown
+    refresh: gr.Button
+    load: gr.Button
+    status: gr.Markdown
+
+
+def model_choices(ctx: UIContext) -> list[tuple[str, str]]:
+    """(label, value) pairs: every checkpoint/diffusers folder in models/, then the tiny test model."""
+    choices = [(name, name) for name in list_models(ctx.paths.models_dir)]
+    current = current_source(ctx)
+    if current and current != TINY and current not in {v for _, v in choices}:
+        choices.insert(0, (current, current))  # loaded from a path or hub id outside models/
+    return choices + [(TINY_LABEL, TINY)]
+
+
+def current_source(ctx: UIContext) -> str | None:
+    """The picker value of the loaded model (its name relative to models/ when it lives there)."""
+    spec = ctx.studio.spec
+    if spec is None:
+        return None
+    if spec.is_tiny:
+        return TINY
+    path = Path(spec.source)
+    try:
+        return str(path.resolve().relative_to(ctx.paths.models_dir.resolve()))
+    except ValueError:
+        return spec.source
+
+
+def model_status(ctx: UIContext) -> str:
+    """One line: which model is loaded, where, in which dtype, at which native size."""
+    studio = ctx.studio
+    if studio.info is None:
+        return "No model loaded: pick one and press **Load**."
+    info = studio.info
+    note = " (random weights: images are noise, for testing only)" if info.is_tiny else ""
+    return f"Loaded **{info.label}**{note} on {studio.device} · {str(studio.dtype).removeprefix('torch.')} · native {info.resolution}px"
+
+
+def build_model_picker(ctx: UIContext) -> ModelPicker:
+    """The model row: dropdown, refresh, Load button and a status line."""
+    with gr.Row():
+        dropdown = gr.Dropdown(
+            model_choices(ctx), value=current_source(ctx), label="Model", allow_custom_value=True, scale=6,
+            info="Checkpoints (.safetensors/.ckpt) and diffusers folders in models/, or a path or hub id.",
+        )
+        refresh = gr.Button("Refresh", scale=0, min_width=110, elem_classes="tinv-side-button")
+        load = gr.Button("Load", variant="primary", scale=0, min_width=110, elem_classes="tinv-side-button")
+    status = gr.Markdown(model_status(ctx), elem_id="tinv-model-status")
+
+    refresh.click(lambda: gr.Dropdown(choices=model_choices(ctx)), outputs=dropdown, api_name="refresh_models")
+    return ModelPicker(dropdown, refresh, load, status)
+
+
+def load_model(ctx: UIContext, source: str | None) -> str:
+    """Load `source` into the studio (refused while training: the run would continue on another model)."""
+    if not source:
+        raise ModelLoadError("No model selected: pick a checkpoint from models/ or the tiny test model.")
+    if ctx.training_running():
+        raise BusyError("Training is running; interrupt it before switching models.")
+    ctx.studio.load(ModelSpec(source))
+    if ctx.xformers:
+        enable_xformers(ctx.studio)
+    ctx.refresh_library(force=True)
+    return model_status(ctx)
+
+
+def enable_xformers(studio) -> bool:
+    """Use xformers attention for the loaded UNet when CUDA and xformers are available; False otherwise."""
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None:
+        log.warning("--xformers: needs CUDA and the xformers package (pip install 'tinv-ui[xformers]'); using SDPA.")
+        return False
+    studio.pipeline.enable_xformers_memory_efficient_attention()
+    return True
+
+
+def wire_load(ctx: UIContext, picker: ModelPicker):
+    """Wire the Load button; returns the event so the app can chain dropdown refreshes after it."""
+    return picker.load.click(
+        user_errors(lambda source: load_model(ctx, source)),
+        inputs=picker.dropdown,
+        outputs=picker.status,
+        concurrency_id="gpu",
+        api_name="load_model",
+    )

@@ -1,0 +1,265 @@
+"""The "Train" tab: widgets ↔ `TrainConfig`; the run lives in `jobs.TrainingRunner`, the tab only watches it.
+
+Training runs on a background job owned by the app (decisions §12.1), so it survives a closed or reloaded
+tab. Every open tab polls the runner's current job with a `gr.Timer` and redraws only what changed;
+Start while a run is active shows the runner's `BusyError`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from ..config import SAMPLERS, TrainConfig
+from ..templates import list_templates
+from .context import UIContext, display_path, format_duration, progress_html
+from .errors import user_errors
+from .forms import Form
+from .uploads import import_uploads
+
+POLL_SECONDS = 1.0
+MAX_PLOT_POINTS = 1000  # the loss curve is downsampled beyond this many steps
+MAX_GALLERY = 24  # newest previews shown
+
+
+@dataclass
+class TrainTab:
+    embedding: gr.Dropdown
+    refresh: gr.Button
+    form: Form
+    folder_upload: gr.File
+    files_upload: gr.File
+    upload_note: gr.Markdown
+    start: gr.Button
+    interrupt: gr.Button
+    progress: gr.HTML
+    gallery: gr.Gallery
+    plot: gr.LinePlot
+    saved: gr.Textbox
+    message: gr.Textbox
+    seen: gr.State  # what this browser tab already shows of the job (so polls send only changes)
+    timer: gr.Timer
+
+    @property
+    def watch_outputs(self) -> list:
+        return [self.progress, self.gallery, self.plot, self.saved, self.message, self.seen]
+
+
+def user_template_dir(ctx: UIContext) -> Path:
+    """User templates: `textual_inversion_templates/` beside the embeddings folder (A1111's folder name)."""
+    return ctx.paths.embeddings_dir.parent / "textual_inversion_templates"
+
+
+def template_choices(ctx: UIContext) -> list[tuple[str, str]]:
+    """Shipped templates by name, then the user's `.txt` files by path (the trainer loads either)."""
+    folder = user_template_dir(ctx)
+    user = sorted(folder.glob("*.txt"), key=lambda p: p.name.lower()) if folder.is_dir() else []
+    return [(name, name) for name in list_templates()] + [(f"{p.stem} (yours)", str(p)) for p in user]
+
+
+def build_train_tab(ctx: UIContext) -> TrainTab:
+    """Build the tab (settings left, live progress right) and wire its events; returns its components."""
+    form = Form(TrainConfig, "train")
+    with gr.Row():
+        with gr.Column(scale=6):
+            embedding, refresh = _embedding_row(ctx, form)
+            folder_upload, files_upload, upload_note = _dataset_inputs(form)
+            _main_settings(ctx, form, ctx.native_resolution)
+            with gr.Accordion("Advanced", open=False):
+                _advanced_settings(ctx, form)
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary")
+                interrupt = gr.Button("Interrupt", variant="stop")
+        with gr.Column(scale=5):
+            progress = gr.HTML(progress_html(0, 0, "No training run yet.", "idle"), elem_id="tinv-train-progress")
+            gallery = gr.Gallery(label="Previews", format="png", columns=4, fit_columns=False, height=260,
+                                 object_fit="contain", elem_id="tinv-train-previews")
+            plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
+            saved = gr.Textbox(label="Last saved file", interactive=False, buttons=["copy"], elem_id="tinv-train-saved")
+            message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
+    tab = TrainTab(embedding, refresh, form, folder_upload, files_upload, upload_note, start, interrupt, progress,
+                   gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS))
+    _wire(ctx, tab)
+    return tab
+
+
+def _wire(ctx: UIContext, tab: TrainTab) -> None:
+    form = tab.form
+
+    def poll(seen: dict) -> list[Any]:
+        return job_view(ctx, seen)
+
+    @form.handler
+    @user_errors
+    def start_training(data: dict) -> tuple[str, dict]:
+        cfg = form.config(data)
+        ctx.runner.start(cfg)
+        return f"Training {cfg.embedding} started.", {}  # an empty `seen` makes the next poll redraw everything
+
+    @user_errors
+    def import_dataset(files: list[str] | None, name: str | None) -> tuple[Any, str]:
+        if not files:
+            return gr.skip(), ""
+        imported = import_uploads(files, ctx.paths.outputs_dir, label=name or "")
+        ignored = f"; ignored {len(imported.ignored)} other file(s)" if imported.ignored else ""
+        note = f"Copied {imported.images} image(s) and {imported.captions} caption(s) to `{imported.folder}`{ignored}."
+        return str(imported.folder), note
+
+    tab.timer.tick(poll, inputs=tab.seen, outputs=tab.watch_outputs, show_progress="hidden", api_name="poll_training")
+    tab.refresh.click(lambda: _embedding_update(ctx), outputs=tab.embedding, api_name="refresh_train_embeddings")
+    template = form.components["template"]
+    template.focus(lambda: gr.Dropdown(choices=template_choices(ctx)), outputs=template, api_visibility="private")
+    for upload in (tab.folder_upload, tab.files_upload):
+        upload.upload(import_dataset, inputs=[upload, tab.embedding], outputs=[form.components["dataset_dir"], tab.upload_note],
+                      api_visibility="private")
+    tab.start.click(start_training, inputs=form.inputs, outputs=[tab.message, tab.seen], api_name="start_training").success(
+        poll, inputs=tab.seen, outputs=tab.watch_outputs, show_progress="hidden", api_visibility="private"
+    )
+    tab.interrupt.click(lambda: interrupt_training(ctx), outputs=tab.message, api_name="interrupt_training")
+
+
+def _embedding_row(ctx: UIContext, form: Form) -> tuple[gr.Dropdown, gr.Button]:
+    with gr.Row():
+        names = ctx.embedding_names()
+        embedding = form.register("embedding", gr.Dropdown(
+            names, value=names[0] if names else None, label="Embedding", allow_custom_value=True, scale=6,
+            info="The embedding to train (create one in the first tab). Its file is updated in place.",
+        ))
+        refresh = gr.Button("Refresh", scale=0, min_width=100, elem_classes="tinv-side-button")
+    return embedding, refresh
+
+
+def _dataset_inputs(form: Form) -> tuple[gr.File, gr.File, gr.Markdown]:
+    with gr.Group():
+        with gr.Row():
+            folder_upload = gr.File(file_count="directory", label="Drop a folder of images", height=120, elem_id="tinv-upload-folder")
+            files_upload = gr.File(file_count="multiple", file_types=["image", ".txt"], label="...or images (+ .txt captions)", height=120, elem_id="tinv-upload-files")
+        form.add("dataset_dir", "Dataset folder", placeholder="/path/to/images",
+                 info="Uploads are copied to outputs/datasets/ and this field is filled in; or type a folder on this machine.")
+    note = gr.Markdown("")
+    return folder_upload, files_upload, note
+
+
+def _main_settings(ctx: UIContext, form: Form, res: int) -> None:
+    form.register("template", gr.Dropdown(
+        template_choices(ctx), value="style_filewords", label="Prompt template", allow_custom_value=True,
+        info=TrainConfig.__dataclass_fields__["template"].metadata["help"],
+    ))
+    form.add("learn_rate", "Learning rate (schedule)")
+    with gr.Row():
+        form.add("batch_size", "Batch size")
+        form.add("gradient_accumulation", "Gradient accumulation")
+        form.add("max_steps", "Max steps")
+    with gr.Row():
+        form.add("width", "Width", slider=True, step=8, value=res)
+        form.add("height", "Height", slider=True, step=8, value=res)
+    with gr.Row():
+        form.add("preview_every", "Preview every N steps")
+        form.add("save_every", "Save a copy every N steps")
+    with gr.Row():
+        form.add("preview_prompt", "Preview prompt", scale=3)
+        form.add("preview_seed", "Preview seed", scale=1)
+
+
+def _advanced_settings(ctx: UIContext, form: Form) -> None:
+    with gr.Row():
+        form.add("keep_size", "Do not resize images")
+        form.add("flip", "Random horizontal flip")
+        form.add("use_alpha_weight", "Alpha channel as loss weight")
+    with gr.Row():
+        form.add("clip_grad_mode", "Gradient clipping")
+        form.add("clip_grad_value", "Clip value")
+        form.add("latent_sampling", "Latent sampling")
+    with gr.Row():
+        form.add("shuffle_tags", "Shuffle tags")
+        form.add("tag_dropout", "Tag dropout", slider=True, step=0.05)
+    with gr.Row():
+        form.add("filename_regex", "Filename regex")
+        form.add("filename_join", "Filename join string")
+    form.add("preview_negative_prompt", "Preview negative prompt")
+    with gr.Row():
+        form.register("preview_sampler", gr.Dropdown(list(SAMPLERS), value="Euler a", label="Preview sampler"))
+        form.add("preview_steps", "Preview steps", slider=True)
+        form.add("preview_cfg", "Preview CFG scale", slider=True, step=0.5)
+    with gr.Row():
+        form.add("seed", "Training seed")
+        form.add("write_csv_every", "Write loss CSV every N steps")
+        form.add("log_dir", "Log folder")
+    with gr.Row():
+        form.add("save_optimizer_state", "Save optimizer state (.optim)")
+        form.add("gradient_checkpointing", "Gradient checkpointing")
+    with gr.Row():
+        form.add("xformers", "xformers attention", value=ctx.xformers)
+        form.register("compile", gr.Dropdown(["auto", "on", "off"], value="auto", label="torch.compile",
+                                             info=TrainConfig.__dataclass_fields__["compile"].metadata["help"]))
+
+
+def _embedding_update(ctx: UIContext, select: str | None = None) -> Any:
+    ctx.refresh_library()
+    names = ctx.embedding_names()
+    return gr.Dropdown(choices=names, value=select) if select else gr.Dropdown(choices=names)
+
+
+def interrupt_training(ctx: UIContext) -> str:
+    """Ask the running job to stop; it saves the embedding at its current step."""
+    job = ctx.runner.current
+    if job is None or job.snapshot().status != "running":
+        gr.Warning("No training is running.")
+        return gr.skip()
+    job.stop()
+    return "Interrupting: the embedding is saved at the current step."
+
+
+def _loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
+    if len(losses) > MAX_PLOT_POINTS:
+        stride = -(-len(losses) // MAX_PLOT_POINTS)
+        losses = losses[::stride] + [losses[-1]]
+    # Explicit dtypes: an empty frame would be typed `object` and plotted as categories.
+    frame = pd.DataFrame(losses, columns=["step", "loss"])
+    return frame.astype({"step": "int64", "loss": "float64"})
+
+
+def job_view(ctx: UIContext, seen: dict) -> list[Any]:
+    """Updates for [progress, gallery, plot, saved, message, seen]; unchanged parts are skipped."""
+    job = ctx.runner.current
+    if job is None:
+        return [gr.skip()] * 5 + [seen]
+    snap = job.snapshot()
+    now = {"job": id(job), "status": snap.status, "step": snap.step, "previews": len(snap.previews),
+           "saved": display_path(snap.last_saved) if snap.last_saved else "", "message": snap.message}
+
+    def changed(*keys: str) -> bool:
+        return any(seen.get(k) != now[k] for k in ("job", *keys))
+
+    return [
+        progress_html(snap.step, snap.total, _progress_label(snap), snap.status) if changed("status", "step") else gr.skip(),
+        _gallery_value(snap.previews) if changed("previews") else gr.skip(),
+        _loss_frame(list(snap.losses)) if changed("step") else gr.skip(),
+        now["saved"] if changed("saved") else gr.skip(),
+        snap.message if changed("message", "status") else gr.skip(),
+        now,
+    ]
+
+
+def _progress_label(snap) -> str:
+    head = f"{snap.name}: step {snap.step}/{snap.total}"
+    loss = f" · loss {snap.losses[-1][1]:.4f}" if snap.losses else ""
+    if snap.status == "running":
+        return f"{head} · ETA {format_duration(snap.eta)}{loss}"
+    return f"{head} · {snap.status}{loss}"
+
+
+def _gallery_value(previews: list[Path]) -> list[tuple[str, str]]:
+    newest = list(previews)[-MAX_GALLERY:][::-1]
+    return [(str(p), _preview_caption(Path(p))) for p in newest]
+
+
+def _preview_caption(path: Path) -> str:
+    """`images/<name>-<step>.png` → 'step <step>' (the name is already in the progress line)."""
+    match = re.search(r"-(\d+)$", path.stem)
+    return f"step {match.group(1)}" if match else path.stem
