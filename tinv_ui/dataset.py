@@ -22,6 +22,7 @@ import logging
 import math
 import random
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,9 @@ def caption_for(path: Path, regex: re.Pattern | None = None, join: str = " ") ->
 def _open_limited(path: Path) -> Image.Image:
     """Open lazily and refuse (or, for JPEG, draft-decode smaller) anything above MAX_PIXELS."""
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():  # our own limit below replaces Pillow's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
     except UnidentifiedImageError:
         raise _Skip("not an image") from None
     except Image.DecompressionBombError as e:
@@ -131,6 +134,7 @@ def _open_limited(path: Path) -> Image.Image:
         half = math.sqrt(MAX_PIXELS / (w * h)) / 2
         img.draft("RGB", (max(1, int(w * half)), max(1, int(h * half))))
     if img.size[0] * img.size[1] > MAX_PIXELS:
+        img.close()
         side = math.isqrt(MAX_PIXELS)
         raise _Skip(f"{w}x{h} is over the {side}x{side} pixel limit; downscale it first")
     return img

@@ -19,6 +19,7 @@ from ..fileio import atomic_write
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIXES = {".txt"}
 MAX_NAME = 120
+MAX_LABEL = 60  # of the dataset folder's name, before its time stamp
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def _unique(name: str, taken: set[str]) -> str:
 def dataset_folder(outputs_dir: Path, label: str, now: _dt.datetime | None = None) -> Path:
     """outputs/datasets/<label>-<YYYYmmdd-HHMMSS>, with the label made safe (default 'dataset')."""
     stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    safe = re.sub(r"[^\w.-]+", "_", label or "").strip("._") or "dataset"
+    safe = re.sub(r"[^\w.-]+", "_", label or "").strip("._")[:MAX_LABEL].strip("._") or "dataset"
     return outputs_dir / "datasets" / f"{safe}-{stamp}"
 
 
