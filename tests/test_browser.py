@@ -6,114 +6,32 @@ folder, and to docs/screenshots/ when TINV_SCREENSHOTS=1 (for the README).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 
+from browser_app import browser_marks, chromium, field, open_page, pick_option, running_app, set_value, shoot
 from conftest import write_images
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
-REPO = Path(__file__).resolve().parents[1]
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"app.py did not answer on {url}:\n{log.read_text()[-3000:]}")
+pytestmark = browser_marks
 
 
 @pytest.fixture
 def app_server(tmp_path, cache_dir):
-    """`python app.py` on a free port with tmp folders; yields (url, folders) and stops the process."""
-    port = free_port()
-    dirs = {k: tmp_path / k for k in ("embeddings", "outputs", "models")}
-    log = tmp_path / "app.log"
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    # Relative folders (the app runs in tmp_path): the UI shows short paths, as it would for a user.
-    cmd = [sys.executable, str(REPO / "app.py"), "--port", str(port), "--model", "tiny", "--embeddings-dir", "embeddings",
-           "--outputs-dir", "outputs", "--models-dir", "models", "--cache-dir", str(cache_dir)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_for_http(url, proc, log)
-        yield url, dirs
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def shoot(page, tmp_path: Path, name: str) -> None:
-    path = tmp_path / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    if os.environ.get("TINV_SCREENSHOTS") == "1":
-        dest = REPO / "docs" / "screenshots"
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest / f"{name}.png")
-
-
-def field(page, elem_id: str):
-    """The text/number input inside a Gradio component with this elem_id."""
-    return page.locator(f"#{elem_id} textarea, #{elem_id} input[type=number], #{elem_id} input:not([type])").first
-
-
-def set_value(page, elem_id: str, value) -> None:
-    box = field(page, elem_id)
-    box.fill(str(value))
-    box.press("Tab")  # Gradio commits a Number/Slider value on blur
-
-
-def pick_option(page, dropdown_id: str, option: str) -> None:
-    """Open a Gradio dropdown and click one of its options."""
-    page.locator(f"#{dropdown_id} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
+    """`python app.py` on a free port with tmp folders; yields (url, folders)."""
+    with running_app(tmp_path, cache_dir) as app:
+        yield app.url, app.dirs
 
 
 def test_full_workflow_in_the_browser(app_server, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, dirs = app_server
     dataset = tmp_path / "my images"
     write_images(dataset, 3, captions=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(30_000)
-        page.goto(url, wait_until="load")
+    with chromium() as browser:
+        page = open_page(browser, url)
 
         # 1. Create an embedding; the status names the file.
         set_value(page, "tinv-create-name", "browser-emb")
@@ -165,4 +83,3 @@ def test_full_workflow_in_the_browser(app_server, tmp_path):
         expect(page.locator("#tinv-library-info")).to_contain_text("dropped-emb", timeout=15_000)
         pick_option(page, "tinv-insert-embedding", "dropped-emb")
         expect(field(page, "tinv-generate-prompt")).to_have_value("a photo of, browser-emb, dropped-emb")
-        browser.close()

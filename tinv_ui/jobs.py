@@ -135,13 +135,17 @@ class TrainingRunner:
     def start(self, cfg: TrainConfig) -> TrainingJob:
         """Start training `cfg` on a background thread; `BusyError` if a run is still active."""
         with self._lock:
-            job = self._current
-            if job is not None and job.running:
-                snap = job.snapshot()
-                raise BusyError(f"a training run for {snap.name} is already running (step {snap.step}/{snap.total}); "
-                                "stop it first.")
+            self.check_idle()
             self._current = TrainingJob(self.studio, cfg, self.library, self.paths).start()
             return self._current
+
+    def check_idle(self) -> None:
+        """Raise `BusyError` naming the active run, if there is one."""
+        job = self._current
+        if job is not None and job.running:
+            snap = job.snapshot()
+            raise BusyError(f"a training run for {snap.name} is already running (step {snap.step}/{snap.total}); "
+                            "stop it first.")
 
     @property
     def current(self) -> TrainingJob | None:

@@ -40,12 +40,23 @@ def build_ui(studio, library, runner, paths: Paths, *, xformers: bool = False) -
             return embedding_updates(ctx, train, generate, select)
 
         outputs = [train.embedding, generate.insert, generate.library_info]
+        # A page opened (or reloaded) later gets today's embeddings, with the running job's one selected.
+        demo.load(lambda: sync_embeddings(_embedding_to_select(ctx)), outputs=outputs, api_visibility="private")
         create.event.success(sync_embeddings, inputs=create.created, outputs=outputs, api_visibility="private")
         sizes = [train.form.components[k] for k in ("width", "height")] + [generate.form.components[k] for k in ("width", "height")]
         wire_load(ctx, picker).success(
             lambda: sync_embeddings() + [ctx.native_resolution] * 4, outputs=outputs + sizes, api_visibility="private"
         )
     return demo
+
+
+def _embedding_to_select(ctx: UIContext) -> str | None:
+    """The running (or last) job's embedding when it still exists, else the first name."""
+    names = ctx.embedding_names()
+    job = ctx.runner.current
+    if job is not None and job.cfg.embedding in names:
+        return job.cfg.embedding
+    return names[0] if names else None
 
 
 def embedding_updates(ctx: UIContext, train: TrainTab, generate: GenerateTab, select: str | None) -> list[Any]:

@@ -97,6 +97,7 @@ def _wire(ctx: UIContext, tab: TrainTab) -> None:
     @form.handler
     @user_errors
     def start_training(data: dict) -> tuple[str, dict]:
+        ctx.runner.check_idle()  # "already running" matters more than this tab's settings
         cfg = form.config(data)
         ctx.runner.start(cfg)
         return f"Training {cfg.embedding} started.", {}  # an empty `seen` makes the next poll redraw everything
@@ -108,6 +109,8 @@ def _wire(ctx: UIContext, tab: TrainTab) -> None:
         imported = import_uploads(files, ctx.paths.outputs_dir, label=name or "")
         ignored = f"; ignored {len(imported.ignored)} other file(s)" if imported.ignored else ""
         note = f"Copied {imported.images} image(s) and {imported.captions} caption(s) to `{imported.folder}`{ignored}."
+        if not imported.images:
+            note += " **No images: drop PNG, JPG, WebP or other image files to train on.**"
         return str(imported.folder), note
 
     tab.timer.tick(poll, inputs=tab.seen, outputs=tab.watch_outputs, show_progress="hidden", api_name="poll_training")
