@@ -1,4 +1,4 @@
-"""The command line: create and embeddings end to end (subprocess), options generated from the configs."""
+"""The command line: create, embeddings, train (Ctrl-C saves) and generate end to end; options from the configs."""
 
 from __future__ import annotations
 
@@ -155,3 +155,55 @@ def test_embeddings_check_model_uses_the_models_width(tmp_path, capsys, built_ca
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and list(report["loaded"]) == ["fits"]
     assert "768 (SD 1.x) does not fit the loaded model's 32 (tiny test model)" in report["skipped"][0]["reason"]
+
+
+def test_train_then_generate_headless(tmp_path, built_cache, images):
+    """`python -m tinv_ui train` runs the same trainer as the app; `generate` uses the trained file."""
+    folders = ["--embeddings-dir", str(tmp_path / "emb"), "--outputs-dir", str(tmp_path / "out")]
+    assert run_cli("create", "--name", "clitrain", "--num-vectors", "2", *folders, cache_dir=built_cache).returncode == 0
+    proc = run_cli("train", "--embedding", "clitrain", "--dataset-dir", str(images), "--max-steps", "3",
+                   "--save-every", "2", "--preview-every", "0", "--width", "64", "--height", "64", "--template",
+                   "subject", *folders, cache_dir=built_cache)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("started: clitrain from step 0 to 3 on 4 images")
+    assert [line.split()[1] for line in lines if line.startswith("step ")] == ["1/3", "2/3", "3/3"]
+    assert any(line.startswith("saved at step 2: ") and line.endswith("clitrain-2.pt") for line in lines)
+    assert lines[-1].startswith("finished at step 3:")
+    assert formats.read(tmp_path / "emb" / "clitrain.pt").step == 3
+
+    proc = run_cli("generate", "--prompt", "a photo of clitrain", "--steps", "2", "--width", "64", "--height", "64",
+                   "--seed", "5", *folders, cache_dir=built_cache)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.splitlines()
+    assert line.startswith("image seed 5: ")
+    from PIL import Image
+
+    with Image.open(line.split(": ", 1)[1]) as img:
+        assert 'TI hashes: "clitrain: ' in img.info["parameters"]
+
+
+def test_ctrl_c_interrupts_training_and_saves(tmp_path, built_cache, images):
+    import signal
+
+    folders = ["--embeddings-dir", str(tmp_path / "emb"), "--outputs-dir", str(tmp_path / "out")]
+    assert run_cli("create", "--name", "clistop", *folders, cache_dir=built_cache).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tinv_ui", "--cache-dir", str(built_cache), "train", "--embedding",
+                             "clistop", "--dataset-dir", str(images), "--max-steps", "100000", "--preview-every", "0",
+                             "--save-every", "0", "--width", "64", "--height", "64", *folders],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2/"):
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopping after this step" in err
+    last = out.splitlines()[-1]
+    assert last.startswith("interrupted at step ") and "saved to" in last
+    step = int(last.split()[3].rstrip(":"))
+    assert step >= 2 and formats.read(tmp_path / "emb" / "clistop.pt").step == step

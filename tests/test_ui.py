@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
+from browser_app import free_port
 from conftest import write_images
 from tinv_ui.config import CreateConfig, GenerateConfig
 from tinv_ui.errors import BusyError, ConfigError, InvalidNameError
@@ -183,12 +183,6 @@ def test_default_model_prefers_models_folder(tmp_path):
 
 
 # -- in-process server + gradio_client ---------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def served(studio, paths, tmp_path, monkeypatch):
     """The app on a free loopback port, with a client; closed (and any training stopped) afterwards."""
