@@ -95,7 +95,7 @@ def enable_xformers(studio) -> bool:
     import torch
 
     if not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None:
-        log.warning("--xformers: needs CUDA and the xformers package (pip install 'tinv-ui[xformers]'); using SDPA.")
+        log.warning("--xformers: needs CUDA and the xformers package (pip install xformers); using SDPA attention.")
         return False
     studio.pipeline.enable_xformers_memory_efficient_attention()
     return True
