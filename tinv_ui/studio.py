@@ -94,8 +94,10 @@ class Studio:
             try:
                 # Frozen UNet/VAE in half precision on GPU; the text encoder stays fp32 (it is small, and the
                 # trained vectors' gradients flow through it). Nothing here ever gets weight gradients.
-                pipe.unet.to(device, dtype).requires_grad_(False).eval()
-                pipe.vae.to(device, dtype).requires_grad_(False).eval()
+                for part in (pipe.unet, pipe.vae):
+                    if part.dtype != dtype:  # only when it changes: diffusers warns about every dtype cast
+                        part.to(dtype=dtype)
+                    part.to(device).requires_grad_(False).eval()
                 pipe.text_encoder.to(device).requires_grad_(False).eval()
             except RuntimeError as e:  # torch.OutOfMemoryError is one
                 del pipe
