@@ -337,7 +337,8 @@ def tuned_unet(studio, cfg: TrainConfig, compile_unet: bool) -> Iterator[Any]:
             log.warning("xformers requested but not usable here (not installed or no CUDA); using SDPA attention")
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        call = torch.compile(unet, mode="reduce-overhead" if cuda else None) if compile_unet else unet
+        # dynamic=False: one static graph per batch shape (CUDA graphs need static shapes anyway)
+        call = torch.compile(unet, mode="reduce-overhead" if cuda else None, dynamic=False) if compile_unet else unet
     try:
         yield call
     finally:
