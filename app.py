@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="Cache folder (tiny model, converted checkpoints).")
     p.add_argument("--share", action="store_true", help="Create a public gradio.live link (exposes the app!).")
     p.add_argument("--xformers", action="store_true", help="Use xformers attention when CUDA and xformers are available.")
+    p.add_argument("--compile", action="store_true",
+                   help="Tick 'torch.compile the UNet' in the Generate panel: each new image size/batch size compiles "
+                        "once (about a minute on a GPU), later images are about 2.5x faster.")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="Require this login.")
     args = p.parse_args(argv)
     if args.auth is not None and (":" not in args.auth or not all(args.auth.split(":", 1))):
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         enable_xformers(studio)
     library = EmbeddingLibrary(paths.embeddings_dir)
     runner = TrainingRunner(studio, library, paths)
-    demo = build_ui(studio, library, runner, paths, xformers=args.xformers)
+    demo = build_ui(studio, library, runner, paths, xformers=args.xformers, compile=args.compile)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     log.info("serving on http://%s:%d", args.host, args.port)
     launch(demo, paths, args.host, args.port, share=args.share, auth=auth)

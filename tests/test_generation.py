@@ -123,6 +123,52 @@ def test_half_precision_unet_with_fp32_text_encoder(cache_dir):
     assert rendered[0].image.size == (64, 64)
 
 
+def _own_studio(cache_dir):
+    from tinv_ui.config import ModelSpec, Paths
+    from tinv_ui.studio import Studio
+
+    studio = Studio(Paths(cache_dir=cache_dir))
+    studio.load(ModelSpec("tiny"))
+    return studio
+
+
+def test_compiled_generation_matches_eager_compiles_once_per_model(cache_dir, monkeypatch):
+    """`compile=True` draws through one cached `torch.compile` wrapper; a model load drops it.
+
+    dynamo's "eager" backend keeps this fast on CPU (the real inductor compile is the slow test below)."""
+    from tinv_ui.config import ModelSpec
+
+    studio = _own_studio(cache_dir)
+    real_compile, made = torch.compile, []
+
+    def recording_compile(module, **kw):
+        made.append((module, kw))
+        return real_compile(module, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    eager = generation.render(studio, BASE, {"myemb": torch.randn(2, studio.embedding_width)})[0]
+    assert made == []
+    cfg = replace(BASE, compile=True)
+    compiled = [generation.render(studio, cfg, {"myemb": torch.randn(2, studio.embedding_width)})[0] for _ in range(2)]
+    assert len(made) == 1 and made[0][0] is studio.pipeline.unet and made[0][1] == {"dynamic": False}
+    assert studio.compiled_unet()._orig_mod is studio.pipeline.unet
+    for r in compiled:
+        assert max_diff(r.image, eager.image) <= 1
+        assert r.infotext == eager.infotext
+    studio.load(ModelSpec("tiny"))
+    generation.render(studio, cfg, {})
+    assert len(made) == 2 and made[1][0] is studio.pipeline.unet  # the new model's UNet, not the released one
+
+
+@pytest.mark.slow
+def test_inductor_compiled_generation_matches_eager(cache_dir):
+    """The real `torch.compile` (inductor, about 45 s on CPU for the tiny UNet) draws the eager image."""
+    studio = _own_studio(cache_dir)
+    eager = generation.render(studio, BASE, {})[0]
+    compiled = generation.render(studio, replace(BASE, compile=True), {})[0]
+    assert max_diff(compiled.image, eager.image) <= 1
+
+
 def test_unknown_sampler_is_a_config_error():
     with pytest.raises(ConfigError, match="sampler"):
         generation.make_scheduler("Nope", {})

@@ -175,6 +175,19 @@ def test_app_binds_loopback_and_warns_when_exposed():
         app.parse_args(["--auth", "nopassword"])
 
 
+def test_compile_flag_ticks_the_generate_panel_box(studio, paths):
+    from tinv_ui.jobs import TrainingRunner
+    from tinv_ui.library import EmbeddingLibrary
+    from tinv_ui.ui import build_ui
+
+    assert app.parse_args(["--compile"]).compile and not app.parse_args([]).compile
+    library = EmbeddingLibrary(paths.embeddings_dir)
+    for flag in (False, True):
+        demo = build_ui(studio, library, TrainingRunner(studio, library, paths), paths, compile=flag)
+        boxes = [b for b in demo.blocks.values() if isinstance(b, gr.Checkbox) and b.label == "torch.compile the UNet"]
+        assert [b.value for b in boxes] == [flag]
+
+
 def test_default_model_prefers_models_folder(tmp_path):
     assert app.default_model(tmp_path) == "tiny"
     (tmp_path / "b.safetensors").write_bytes(b"x")
@@ -236,6 +249,22 @@ def test_round_trip_create_generate_and_errors(served):
     saved = next(paths.outputs_dir.rglob("*.png"))
     with Image.open(saved) as img:
         assert img.text["parameters"] == infotext
+
+
+def test_generate_request_with_compile_uses_the_compiled_unet(served, studio, monkeypatch):
+    """The panel's box reaches the core: one torch.compile of the studio's UNet, reused by the next request."""
+    import torch
+
+    client, _, _ = served
+    real_compile, made = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: made.append(m) or real_compile(m, backend="eager", **kw))
+    try:
+        for _ in range(2):
+            progress, gallery, _, _ = client.predict(**generate_kwargs("a cat", compile=True, save=False), api_name="/generate")
+            assert "Done: 1 image" in progress and len(gallery) == 1
+        assert made == [studio.pipeline.unet]
+    finally:
+        studio._compiled_unet = None  # the session studio is shared: leave it as found
 
 
 def test_round_trip_training_busy_and_interrupt(served, images):

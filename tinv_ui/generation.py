@@ -139,8 +139,10 @@ def _conditioning(studio, cfg: GenerateConfig, vectors: Mapping[str, torch.Tenso
     return cond[:n].to(unet_dtype), cond[n:].to(unet_dtype), used
 
 
-def _sampling_pipeline(studio, sampler: str):
+def _sampling_pipeline(studio, sampler: str, compiled: bool = False):
     """A throw-away pipeline over the studio's modules with a fresh scheduler and no text encoder.
+
+    `compiled` puts the studio's `torch.compile`d UNet in it (`Studio.compiled_unet`).
 
     Nothing on the studio's own pipeline is mutated (its scheduler stays as loaded). Leaving the text
     encoder out makes diffusers keep our conditioning in the UNet dtype: with the fp32 encoder present it
@@ -153,7 +155,7 @@ def _sampling_pipeline(studio, sampler: str):
         vae=base.vae,
         text_encoder=None,
         tokenizer=None,
-        unet=base.unet,
+        unet=studio.compiled_unet() if compiled else base.unet,
         scheduler=make_scheduler(sampler, base.scheduler.config),
         safety_checker=None,
         feature_extractor=None,
@@ -181,7 +183,7 @@ def render(
     device = studio.device
     with torch.no_grad():
         cond, uncond, used = _conditioning(studio, cfg, vectors)
-        pipe = _sampling_pipeline(studio, cfg.sampler)
+        pipe = _sampling_pipeline(studio, cfg.sampler, compiled=cfg.compile)
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         images = pipe(
             prompt_embeds=cond,

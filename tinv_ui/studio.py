@@ -73,6 +73,7 @@ class Studio:
         self._lock = threading.Lock()
         self._holder = ""  # what holds the lock, for BusyError messages
         self._pipe = None
+        self._compiled_unet = None  # torch.compile wrapper of the loaded UNet for generation, made on first use
         self.spec: ModelSpec | None = None
         self.info: ModelInfo | None = None
         self.device = None
@@ -140,6 +141,7 @@ class Studio:
 
     def _release(self) -> None:
         self._pipe = None
+        self._compiled_unet = None
         self.spec = None
         self.info = None
         gc.collect()
@@ -172,6 +174,23 @@ class Studio:
     def embedding_width(self) -> int:
         """Width of one token vector in the loaded text encoder (768 SD1, 1024 SD2, 32 tiny)."""
         return int(self.text_encoder.get_input_embeddings().weight.shape[1])
+
+    def compiled_unet(self):
+        """The loaded UNet wrapped in `torch.compile` for generation; the caller holds the lock.
+
+        Made once per loaded model and reused, so its compiled graphs are too. Shapes are static
+        (`dynamic=False`): each new batch size or image size compiles once more (about a minute for an SD
+        UNet on a GPU), then runs at the compiled speed. On CUDA the UNet is put in channels-last memory
+        format first, the layout the compiled convolutions are fast with (the trainer uses it too).
+        """
+        import torch
+
+        unet = self.pipeline.unet
+        if self._compiled_unet is None:
+            self._compiled_unet = torch.compile(unet, dynamic=False)
+        if self.device.type == "cuda":
+            unet.to(memory_format=torch.channels_last)
+        return self._compiled_unet
 
     # -- the lock --------------------------------------------------------------------------------------
     @contextlib.contextmanager

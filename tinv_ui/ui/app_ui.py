@@ -21,9 +21,9 @@ from .train_tab import TrainTab, build_train_tab
 TITLE = "tinv-ui: Textual Inversion"
 
 
-def build_ui(studio, library, runner, paths: Paths, *, xformers: bool = False) -> gr.Blocks:
+def build_ui(studio, library, runner, paths: Paths, *, xformers: bool = False, compile: bool = False) -> gr.Blocks:
     """The app's Blocks for this studio/library/runner. Queue and launch with `launch()`."""
-    ctx = UIContext(studio, library, runner, paths, xformers=xformers)
+    ctx = UIContext(studio, library, runner, paths, xformers=xformers, compile=compile)
     ctx.refresh_library()
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nCreate, train and use embeddings · v{__version__}", elem_id="tinv-header")

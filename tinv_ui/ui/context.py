@@ -23,6 +23,7 @@ class UIContext:
     runner: Any  # jobs.TrainingRunner
     paths: Paths
     xformers: bool = False
+    compile: bool = False  # default of the Generate panel's "torch.compile the UNet" box (app.py --compile)
 
     def refresh_library(self, force: bool = False) -> bool:
         """Rescan the embeddings folder for the loaded model's width; True when something changed."""

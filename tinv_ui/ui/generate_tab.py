@@ -60,7 +60,7 @@ def build_generate_tab(ctx: UIContext) -> GenerateTab:
     library_info = gr.Markdown(report, elem_id="tinv-library-info")
     with gr.Row():
         with gr.Column(scale=4):
-            _settings(form, ctx.native_resolution)
+            _settings(form, ctx.native_resolution, ctx.compile)
         with gr.Column(scale=6):
             progress = gr.HTML(progress_html(0, 0, "Ready.", "idle"), elem_id="tinv-generate-progress")
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=380, object_fit="contain", elem_id="tinv-gallery")
@@ -95,7 +95,7 @@ def _wire(ctx: UIContext, tab: GenerateTab) -> None:
                       api_name="refresh_embeddings")
 
 
-def _settings(form: Form, res: int) -> None:
+def _settings(form: Form, res: int, compile_default: bool) -> None:
     form.register("sampler", gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampling method"))
     form.add("steps", "Sampling steps", slider=True)
     form.add("cfg_scale", "CFG scale", slider=True, step=0.5)
@@ -109,6 +109,7 @@ def _settings(form: Form, res: int) -> None:
     with gr.Accordion("More", open=False):
         form.add("clip_skip", "Clip skip", slider=True)
         form.add("save", "Save images to outputs/txt2img")
+        form.add("compile", "torch.compile the UNet", value=compile_default)
 
 
 def run_generation(ctx: UIContext, cfg: GenerateConfig, tab: GenerateTab):
