@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--xformers", action="store_true", help="Use xformers attention when CUDA and xformers are available.")
     p.add_argument("--compile", action="store_true",
                    help="Tick 'torch.compile the UNet' in the Generate panel: each new image size/batch size compiles "
-                        "once (about a minute on a GPU), later images are about 2.5x faster.")
+                        "once (about a minute on a GPU), later images are faster.")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="Require this login.")
     args = p.parse_args(argv)
     if args.auth is not None and (":" not in args.auth or not all(args.auth.split(":", 1))):

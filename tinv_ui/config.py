@@ -169,7 +169,7 @@ class GenerateConfig:
     clip_skip: int = knob(1, "Use the output of the n-th last text-encoder layer (1 = last).", 1, 12)
     save: bool = knob(True, "Save PNGs with infotext to outputs/txt2img.")
     compile: bool = knob(False, "torch.compile the UNet: the first image of each size and batch size waits for "
-                                "the compile (about a minute on a GPU), later ones are about 2.5x faster.")
+                                "the compile (about a minute on a GPU), later ones are faster (about 2.5x for SD 1.5 on a big GPU).")
 
     def __post_init__(self) -> None:
         _check_ranges(self)
