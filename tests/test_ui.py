@@ -188,6 +188,21 @@ def test_compile_flag_ticks_the_generate_panel_box(studio, paths):
         assert [b.value for b in boxes] == [flag]
 
 
+def test_generate_panel_says_a_compiled_request_compiles_first(studio, paths, monkeypatch):
+    from types import SimpleNamespace
+
+    from tinv_ui.library import EmbeddingLibrary
+    from tinv_ui.ui import generate_tab
+    from tinv_ui.ui.context import UIContext
+
+    monkeypatch.setattr(generate_tab.generation, "generate", lambda *a: iter(()))
+    ctx = UIContext(studio, EmbeddingLibrary(paths.embeddings_dir), None, paths)
+    tab = SimpleNamespace(progress="progress", gallery="gallery", infotext="infotext", seed_used="seed", infotexts="all")
+    for flag in (False, True):
+        first = next(generate_tab.run_generation(ctx, GenerateConfig(prompt="x", compile=flag), tab))
+        assert ("compiles first" in first["progress"]) is flag
+
+
 def test_default_model_prefers_models_folder(tmp_path):
     assert app.default_model(tmp_path) == "tiny"
     (tmp_path / "b.safetensors").write_bytes(b"x")

@@ -188,6 +188,7 @@ class Studio:
         unet = self.pipeline.unet
         if self._compiled_unet is None:
             self._compiled_unet = torch.compile(unet, dynamic=False)
+            log.info("generation uses a torch.compile'd UNet; each new image/batch size compiles on first use")
         if self.device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
         return self._compiled_unet
