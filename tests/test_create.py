@@ -1,4 +1,4 @@
-"""create_embedding: initializer rows (repeat/truncate), zeros, overwrite rules and unsafe names."""
+"""create_embedding: initializer rows (repeat/truncate, SD2 subsample), zeros, overwrite rules and unsafe names."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from tinv_ui import formats
 from tinv_ui.config import CreateConfig
-from tinv_ui.create import create_embedding, spread_rows
+from tinv_ui.create import create_embedding, init_token_ids, spread_rows
 from tinv_ui.errors import ConfigError, InvalidNameError
 
 
@@ -34,6 +34,30 @@ def test_initializer_rows(studio, paths, initializer, n, pattern):
     assert rows.shape[0] == len(initializer.split())  # one CLIP token per word here
     assert torch.equal(emb.vectors, rows[pattern])
     assert emb.step == 0 and emb.width == studio.embedding_width
+
+
+@pytest.mark.parametrize(
+    ("initializer", "n", "pattern"),
+    [
+        ("a big red cat", 2, [0, 2]),  # floor(i*4/2): evenly subsampled, not the first two
+        ("one two three four five six", 3, [0, 2, 4]),
+        ("a red cat", 5, [0, 0, 1, 1, 2]),  # T < n repeats as on SD1
+    ],
+)
+def test_sd2_width_subsamples_the_initializer_evenly(studio, paths, monkeypatch, initializer, n, pattern):
+    # A1111 tokenizes SD 2.x initializers with OpenCLIP and no truncation; the model family is told by width.
+    monkeypatch.setattr(type(studio), "embedding_width", property(lambda self: 1024))
+    path = create_embedding(studio, CreateConfig(name="e2", initializer=initializer, num_vectors=n),
+                            paths.embeddings_dir)
+    rows = _rows(studio, initializer)
+    assert rows.shape[0] == len(initializer.split())
+    assert torch.equal(formats.read(path).vectors, rows[pattern])
+
+
+def test_init_token_ids_truncates_only_on_request(studio):
+    ids = studio.tokenizer("a red cat", add_special_tokens=False).input_ids
+    assert init_token_ids(studio.tokenizer, "a red cat", 2) == ids[:2]
+    assert init_token_ids(studio.tokenizer, "a red cat", 2, truncate=False) == ids
 
 
 def test_cat_is_one_clip_token(studio):

@@ -24,18 +24,27 @@ log = logging.getLogger(__name__)
 MAX_FILENAME_BYTES = 200
 
 
-def init_token_ids(tokenizer, text: str, num_vectors: int) -> list[int]:
-    """Token ids of the initializer, no BOS/EOS, at most `num_vectors` of them (A1111 SD1 rule)."""
+# Text-encoder widths whose A1111 tokenizer is OpenCLIP (SD 2.x): there the initializer is not truncated,
+# its tokens are subsampled evenly instead (spec a1111-textual-inversion.md §1, step 2).
+OPENCLIP_WIDTHS = frozenset({1024})
+
+
+def init_token_ids(tokenizer, text: str, num_vectors: int, truncate: bool = True) -> list[int]:
+    """Token ids of the initializer, no BOS/EOS.
+
+    `truncate` (A1111's SD1 rule) keeps at most the first `num_vectors`; without it (the SD2/OpenCLIP rule)
+    all tokens are returned and `spread_rows` subsamples them evenly.
+    """
     if text == "":
         return []
     ids = list(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
     if not ids:
         raise ConfigError("initializer has no tokens; leave it empty for zero vectors.")
-    return ids[:num_vectors]
+    return ids[:num_vectors] if truncate else ids
 
 
 def spread_rows(rows: torch.Tensor, num_vectors: int) -> torch.Tensor:
-    """`[num_vectors, d]` from T rows: vector i is row floor(i*T/num_vectors)."""
+    """`[num_vectors, d]` from T rows: vector i is row floor(i*T/num_vectors) (repeats, or even subsampling)."""
     t = rows.shape[0]
     index = torch.tensor([i * t // num_vectors for i in range(num_vectors)], dtype=torch.long)
     return rows[index].clone()
@@ -83,7 +92,8 @@ def create_embedding(studio, cfg: CreateConfig, embeddings_dir: str | Path) -> P
     path = check_target(cfg, embeddings_dir)
     name = path.stem
     with studio.session(what="creating an embedding"):
-        ids = init_token_ids(studio.tokenizer, cfg.initializer, cfg.num_vectors)
+        truncate = studio.embedding_width not in OPENCLIP_WIDTHS
+        ids = init_token_ids(studio.tokenizer, cfg.initializer, cfg.num_vectors, truncate=truncate)
         matrix = studio.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             if ids:
