@@ -441,3 +441,28 @@ def test_compiled_unet_gives_the_same_losses(studio, paths, images, emb_path):
     compiled = [e.loss for e in run(studio, paths, config(images, max_steps=4, learn_rate="0", compile="on"))
                 if isinstance(e, Step)]
     assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+def test_clipping_sees_the_unscaled_gradients_under_a_grad_scaler(studio, paths, images, emb_path, monkeypatch):
+    # fp16 runs scale the loss; the clip threshold must apply to the true gradients (A1111 clipped scaled ones).
+    # Force an enabled scaler on the CPU and compare what the clip sees with an unscaled run of the same seed.
+    seen, real_clip, real_scaler = [], training._clip_gradients, torch.amp.GradScaler
+
+    def recording_clip(vectors, mode, value):
+        seen.append(vectors.grad.detach().clone())
+        real_clip(vectors, mode, value)
+
+    monkeypatch.setattr(training, "_clip_gradients", recording_clip)
+    cfg = config(images, max_steps=2, clip_grad_mode="norm", clip_grad_value="1e-4")
+    recreate = CreateConfig(name=NAME, initializer="painting", num_vectors=2, overwrite=True)
+    plain = [e.loss for e in run(studio, paths, cfg) if isinstance(e, Step)]
+    plain_grads, seen[:] = list(seen), []
+    create_embedding(studio, recreate, paths.embeddings_dir)
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        lambda device, enabled=True: real_scaler(device, init_scale=2.0**12, enabled=True))
+    scaled = [e.loss for e in run(studio, paths, cfg) if isinstance(e, Step)]
+    assert len(seen) == len(plain_grads) == 2
+    for got, want in zip(seen, plain_grads):
+        assert got.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+    assert scaled == pytest.approx(plain, rel=1e-4)  # and the scaled run trained the same
