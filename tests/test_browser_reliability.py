@@ -120,6 +120,30 @@ def test_bad_embedding_files_are_listed_with_their_reasons(app, page):
     expect(page.get_by_role("option", name="evil", exact=True)).to_have_count(0)
 
 
+# -- model picker --------------------------------------------------------------------------------------------------
+def test_load_says_loading_then_keeps_the_model_when_the_checkpoint_is_broken(app, page):
+    from playwright.sync_api import expect
+
+    (app.dirs["models"] / "broken.safetensors").write_bytes(b"\x00" * 64)
+    status = page.locator("#tinv-model-status")
+    expect(status).to_contain_text("Loaded tiny test model (random weights)")
+    # Record every text the status line shows: "Loading …" is on screen only while the load runs.
+    page.evaluate("""() => {
+        const el = document.querySelector('#tinv-model-status');
+        window.statusTexts = [];
+        new MutationObserver(() => window.statusTexts.push(el.innerText))
+            .observe(el, {subtree: true, childList: true, characterData: true});
+    }""")
+    page.get_by_role("button", name="Refresh").first.click()
+    pick_option(page, "tinv-model-picker", "broken.safetensors")
+    page.get_by_role("button", name="Load", exact=True).click()
+    expect(toast(page)).to_contain_text("broken.safetensors", timeout=30_000)
+    expect(status).to_contain_text("Loaded tiny test model (random weights)")
+    texts = page.evaluate("() => window.statusTexts")
+    assert any(t.startswith("Loading broken.safetensors…") for t in texts), texts
+    close_toasts(page)
+
+
 # -- dataset -------------------------------------------------------------------------------------------------------
 def start_training(page, embedding: str, dataset: str, **settings) -> None:
     page.get_by_role("tab", name="Train").click()

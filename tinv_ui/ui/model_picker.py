@@ -67,6 +67,7 @@ def build_model_picker(ctx: UIContext) -> ModelPicker:
     with gr.Row():
         dropdown = gr.Dropdown(
             model_choices(ctx), value=current_source(ctx), label="Model", allow_custom_value=True, scale=6,
+            elem_id="tinv-model-picker",
             info="Checkpoints (.safetensors/.ckpt) and diffusers folders in models/, or a path or hub id.",
         )
         refresh = gr.Button("Refresh", scale=0, min_width=110, elem_classes="tinv-side-button")
@@ -75,6 +76,14 @@ def build_model_picker(ctx: UIContext) -> ModelPicker:
 
     refresh.click(lambda: gr.Dropdown(choices=model_choices(ctx)), outputs=dropdown, api_name="refresh_models")
     return ModelPicker(dropdown, refresh, load, status)
+
+
+def loading_message(ctx: UIContext, source: str | None) -> str:
+    """What the status line says the moment Load is pressed (a checkpoint can take a minute to load)."""
+    if not source or ctx.training_running():
+        return model_status(ctx)  # the load itself refuses with the reason
+    label = TINY_LABEL if source == TINY else source
+    return f"Loading **{label}**… a checkpoint can take a minute; the current model stays loaded if this fails."
 
 
 def load_model(ctx: UIContext, source: str | None) -> str:
@@ -102,11 +111,19 @@ def enable_xformers(studio) -> bool:
 
 
 def wire_load(ctx: UIContext, picker: ModelPicker):
-    """Wire the Load button; returns the event so the app can chain dropdown refreshes after it."""
-    return picker.load.click(
+    """Wire the Load button; returns the load event so the app can chain dropdown refreshes after it.
+
+    The status line says "Loading …" at once (no queue), then shows the loaded model, or, when the load
+    fails, the model that is still loaded (the error itself is a toast).
+    """
+    shown = picker.load.click(lambda source: loading_message(ctx, source), inputs=picker.dropdown,
+                              outputs=picker.status, queue=False, api_visibility="private")
+    event = shown.then(
         user_errors(lambda source: load_model(ctx, source)),
         inputs=picker.dropdown,
         outputs=picker.status,
         concurrency_id="gpu",
         api_name="load_model",
     )
+    event.failure(lambda: model_status(ctx), outputs=picker.status, queue=False, api_visibility="private")
+    return event
