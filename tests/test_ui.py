@@ -188,6 +188,25 @@ def test_compile_flag_ticks_the_generate_panel_box(studio, paths):
         assert [b.value for b in boxes] == [flag]
 
 
+def test_every_create_and_train_setting_has_help_text(studio, paths):
+    # The Generate panel keeps A1111's compact, self-explaining layout (prompt, size, batch); the Create and
+    # Train settings each carry their config field's help.
+    from tinv_ui.jobs import TrainingRunner
+    from tinv_ui.library import EmbeddingLibrary
+    from tinv_ui.ui.context import UIContext
+    from tinv_ui.ui.create_tab import build_create_tab
+    from tinv_ui.ui.train_tab import build_train_tab
+
+    library = EmbeddingLibrary(paths.embeddings_dir)
+    ctx = UIContext(studio, library, TrainingRunner(studio, library, paths), paths)
+    with gr.Blocks():
+        forms = [build_create_tab(ctx).form, build_train_tab(ctx).form]
+    settings = {name: c for form in forms for name, c in form.components.items()}
+    assert len(settings) > 30 and {"preview_sampler", "template", "name"} <= set(settings)
+    missing = [name for name, c in settings.items() if not (getattr(c, "info", None) or "").strip()]
+    assert missing == [], " ".join(missing)
+
+
 def test_generate_panel_says_a_compiled_request_compiles_first(studio, paths, monkeypatch):
     from types import SimpleNamespace
 

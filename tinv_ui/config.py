@@ -124,7 +124,7 @@ class TrainConfig:
     preview_steps: int = knob(20, "Sampling steps for previews.", 1, 150)
     preview_cfg: float = knob(7.0, "CFG scale for previews.", 1.0, 30.0)
     preview_seed: int = knob(1234, "Fixed seed so previews are comparable across steps.")
-    preview_sampler: str = knob("Euler a", "Sampler for previews.")
+    preview_sampler: str = knob("Euler a", "Sampler for the preview images (the Generate panel's list).")
     seed: int = knob(-1, "Training seed; -1 = random.")
     save_optimizer_state: bool = knob(True, "Write an A1111 .optim sidecar so a resumed run keeps its AdamW state.")
     write_csv_every: int = knob(1, "Append to the loss CSV every N steps; 0 disables.", 0, 10_000_000)

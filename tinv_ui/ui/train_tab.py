@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from ..config import SAMPLERS, TrainConfig
+from ..config import SAMPLERS, TrainConfig, field_help
 from ..templates import list_templates
 from .context import UIContext, display_path, format_duration, progress_html
 from .errors import user_errors
@@ -151,7 +151,7 @@ def _dataset_inputs(form: Form) -> tuple[gr.File, gr.File, gr.Markdown]:
 def _main_settings(ctx: UIContext, form: Form, res: int) -> None:
     form.register("template", gr.Dropdown(
         template_choices(ctx), value="style_filewords", label="Prompt template", allow_custom_value=True,
-        info=TrainConfig.__dataclass_fields__["template"].metadata["help"],
+        info=field_help(TrainConfig, "template"),
     ))
     form.add("learn_rate", "Learning rate (schedule)")
     with gr.Row():
@@ -186,7 +186,8 @@ def _advanced_settings(ctx: UIContext, form: Form) -> None:
         form.add("filename_join", "Filename join string")
     form.add("preview_negative_prompt", "Preview negative prompt")
     with gr.Row():
-        form.register("preview_sampler", gr.Dropdown(list(SAMPLERS), value="Euler a", label="Preview sampler"))
+        form.register("preview_sampler", gr.Dropdown(list(SAMPLERS), value="Euler a", label="Preview sampler",
+                                                     info=field_help(TrainConfig, "preview_sampler")))
         form.add("preview_steps", "Preview steps", slider=True)
         form.add("preview_cfg", "Preview CFG scale", slider=True, step=0.5)
     with gr.Row():
@@ -199,7 +200,7 @@ def _advanced_settings(ctx: UIContext, form: Form) -> None:
     with gr.Row():
         form.add("xformers", "xformers attention", value=ctx.xformers)
         form.register("compile", gr.Dropdown(["auto", "on", "off"], value="auto", label="torch.compile",
-                                             info=TrainConfig.__dataclass_fields__["compile"].metadata["help"]))
+                                             info=field_help(TrainConfig, "compile")))
 
 
 def _embedding_update(ctx: UIContext, select: str | None = None) -> Any:
