@@ -83,9 +83,12 @@ def test_unsafe_long_and_taken_names_are_refused_unicode_is_fine(app, page):
     close_toasts(page)
     create(page, "café-ñ")
     expect(status).to_have_value("Created: embeddings/café-ñ.pt")
+    existing = app.dirs["embeddings"] / "café-ñ.pt"
+    before = existing.read_bytes()
     create(page, "café-ñ")
     expect(toast(page)).to_contain_text("already exists")
     expect(toast(page)).to_contain_text("turn on overwrite")
+    assert existing.read_bytes() == before
     assert not list(app.cwd.rglob("escape*")) and not list(app.cwd.rglob("xxxxxxxxxx*"))
     assert temp_files(app.dirs["embeddings"]) == []
 

@@ -99,9 +99,11 @@ def test_safetensors_format(studio, paths):
 
 
 def test_existing_file_needs_overwrite(studio, paths):
-    create_embedding(studio, CreateConfig(name="dup", initializer="cat"), paths.embeddings_dir)
+    first = create_embedding(studio, CreateConfig(name="dup", initializer="cat"), paths.embeddings_dir)
+    before = first.read_bytes()
     with pytest.raises(InvalidNameError, match="already exists.*overwrite"):
         create_embedding(studio, CreateConfig(name="dup", initializer="dog"), paths.embeddings_dir)
+    assert first.read_bytes() == before  # the refused create left the file byte for byte as it was
     path = create_embedding(studio, CreateConfig(name="dup", initializer="dog", num_vectors=2, overwrite=True),
                             paths.embeddings_dir)
     assert torch.equal(formats.read(path).vectors, _rows(studio, "dog")[[0, 0]])
