@@ -47,10 +47,11 @@ def test_batch_equals_single_runs(studio):
     batch = generation.render(studio, replace(BASE, batch_size=3, seed=10), {})
     singles = [generation.render(studio, replace(BASE, seed=10 + i), {})[0] for i in range(3)]
     assert [r.seed for r in batch] == [10, 11, 12]
-    for b, s in zip(batch, singles):
+    for pos, (b, s) in enumerate(zip(batch, singles)):
         # Batched convolutions may round differently on CPU: allow 2/255, far below any real difference.
         assert max_diff(b.image, s.image) <= 2
-        assert b.infotext == s.infotext
+        # The same parameters, plus where the image sat in its batch (as A1111 writes it).
+        assert b.infotext == s.infotext.replace(", Version:", f", Batch size: 3, Batch pos: {pos}, Version:")
 
 
 def test_random_seed_is_reported(studio):
@@ -187,6 +188,14 @@ def test_infotext_layout_matches_a1111():
         'Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, TI hashes: "myemb: 0a1b2c3d4e5f, easynegative: c74b4e810b03", '
         "Version: tinv-ui 0.1.0"
     )
+
+
+def test_infotext_names_the_batch_position_for_batches_of_two_or_more():
+    one = GenerateConfig(prompt="p", steps=5, width=64, height=64)
+    assert "Batch" not in generation.infotext(one, 7, "m", None, None)
+    four = GenerateConfig(prompt="p", steps=5, width=64, height=64, batch_size=4)
+    text = generation.infotext(four, 9, "m", "0123456789", None, batch_pos=2)
+    assert "Model hash: 0123456789, Model: m, Batch size: 4, Batch pos: 2, Version:" in text
 
 
 def test_infotext_omits_empty_values_and_quotes_special_ones():

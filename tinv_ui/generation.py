@@ -101,8 +101,13 @@ def ti_hashes(used: list[str], hashes: Mapping[str, str]) -> str | None:
     return ", ".join(parts) or None
 
 
-def infotext(cfg: GenerateConfig, seed: int, model_name: str | None, model_hash: str | None, ti: str | None) -> str:
-    """A1111's three-part infotext: prompt, optional 'Negative prompt:' line, then 'Key: value' pairs."""
+def infotext(cfg: GenerateConfig, seed: int, model_name: str | None, model_hash: str | None, ti: str | None,
+             batch_pos: int = 0) -> str:
+    """A1111's three-part infotext: prompt, optional 'Negative prompt:' line, then 'Key: value' pairs.
+
+    `batch_pos` is the image's place in its batch; like A1111, 'Batch size'/'Batch pos' appear only for batches of 2+.
+    """
+    batched = cfg.batch_size > 1
     params: dict[str, Any] = {
         "Steps": cfg.steps,
         "Sampler": cfg.sampler.removesuffix(" Karras"),
@@ -112,6 +117,8 @@ def infotext(cfg: GenerateConfig, seed: int, model_name: str | None, model_hash:
         "Size": f"{cfg.width}x{cfg.height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "Batch size": cfg.batch_size if batched else None,
+        "Batch pos": batch_pos if batched else None,
         "Clip skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
         "TI hashes": ti,
         "Version": f"tinv-ui {__version__}",
@@ -199,7 +206,7 @@ def render(
     info = studio.info
     ti = ti_hashes(used, hashes or {})
     name, model_hash = (info.name, info.hash) if info else (None, None)
-    return [Rendered(img, infotext(cfg, s, name, model_hash, ti), s) for img, s in zip(images, seeds)]
+    return [Rendered(img, infotext(cfg, s, name, model_hash, ti, pos), s) for pos, (img, s) in enumerate(zip(images, seeds))]
 
 
 def _step_callback(on_step: OnStep | None):
