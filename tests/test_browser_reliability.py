@@ -206,7 +206,7 @@ def test_dataset_problems_are_explained_before_training(app, page, tmp_path):
     # A corrupt image among good ones: the run goes on and says what it skipped.
     start_training(page, "ds-emb", str(good), template="subject_filewords")
     expect(progress).to_contain_text("step 2/2 · finished", timeout=60_000)
-    expect(message).to_have_value(re.compile(r"Training finished at step 2"))
+    expect(message).to_have_value(re.compile(r"Training finished at step 2; saved to .* Skipped: broken.png: "))
     log_dir = next((app.dirs["outputs"] / "train").glob("*/ds-emb"))
     settings = next(log_dir.glob("settings-*.json")).read_text(encoding="utf-8")
     assert "broken.png" in settings  # the skipped file and its reason are kept with the run
@@ -226,6 +226,7 @@ def test_a_run_survives_a_closed_tab_refuses_a_second_start_and_serves_generatio
 
     again = open_page(browser, app.url)
     again.get_by_role("tab", name="Train").click()
+    expect(again.locator("#tinv-train-embedding input")).to_have_value("long-run")  # the running job's, not the first
     progress = again.locator("#tinv-train-progress")
     expect(progress).to_contain_text(re.compile(r"long-run: step \d+/100000 · ETA"))
     first = int(re.search(r"step (\d+)/", progress.inner_text()).group(1))

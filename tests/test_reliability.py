@@ -115,6 +115,7 @@ def test_awkward_images_train_and_are_reported(studio, paths, emb_path, tmp_path
         if keep_size:  # trained at its own size, an image must be at least 64 px (the tiny model's minimum)
             assert "tall.jpg: 48x120 is too small to train at its own size" in started.message
         assert isinstance(finished, Finished) and finished.step == 2 * (1 + keep_size) and not finished.interrupted
+        assert finished.message.endswith(started.message[started.message.index(" Skipped: "):])  # said again at the end
     d = load_dataset(folder, (64, 64))
     captions = {i.path.name: i.caption for i in d.images}
     assert captions["wide.png"] == "tête, crème" and captions["tall.jpg"] == "naïve café"

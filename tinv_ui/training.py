@@ -596,7 +596,13 @@ def _finish(run: _Run, interrupted: bool) -> list[Event]:
     path = save_final(run) if run.is_main else None
     verb = "interrupted" if interrupted else "finished"
     saved = [Saved(run.step, path, final=True)] if path is not None else []
-    return [*saved, Finished(run.step, path, interrupted, f"Training {verb} at step {run.step}; saved to {path}")]
+    message = f"Training {verb} at step {run.step}; saved to {path}" + _skipped_note(run.plan)
+    return [*saved, Finished(run.step, path, interrupted, message)]
+
+
+def _skipped_note(plan: _Plan) -> str:
+    """' Skipped: a.png: reason; ….' when the dataset left files out (said at the start and again at the end)."""
+    return " Skipped: " + "; ".join(plan.dataset.skipped) + "." if plan.dataset.skipped else ""
 
 
 def _stop_on_nan(run: _Run, step: int, loss: float, lr: float) -> None:
@@ -661,8 +667,7 @@ def _started(run: _Run) -> Started:
     message = (f"Training {plan.name} from step {plan.initial_step} to {plan.cfg.max_steps} on "
                f"{len(plan.dataset)} images ({buckets} size bucket{'s' * (buckets != 1)}); "
                f"learning rate {plan.lr.describe()}.")
-    if plan.dataset.skipped:
-        message += " Skipped: " + "; ".join(plan.dataset.skipped) + "."
+    message += _skipped_note(plan)
     return Started(plan.name, plan.initial_step, plan.cfg.max_steps, len(plan.dataset), plan.out_dir, message)
 
 
