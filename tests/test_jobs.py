@@ -92,3 +92,27 @@ def test_failures_are_captured_in_the_snapshot(runner, images, tmp_path):
     job = runner.start(config(tmp_path / "empty"))
     assert job.wait(60)
     assert job.snapshot().status == "failed" and "no usable image" in job.snapshot().message
+
+
+def test_a_nan_run_fails_with_the_reason_and_keeps_the_file(runner, images, paths, monkeypatch):
+    # What the Train panel's message box shows comes from the job snapshot: the NaN stop must reach it.
+    from tinv_ui import training
+
+    real = training.diffusion_loss
+    calls = []
+
+    def nan_on_third(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(training, "diffusion_loss", nan_on_third)
+    job = runner.start(config(images, max_steps=10, save_every=0, preview_every=0))
+    assert job.wait(60)
+    snap = job.snapshot()
+    assert snap.status == "failed" and snap.step == 2
+    assert snap.message.startswith("Training stopped at step 3: the loss became nan.")
+    assert "kept as it was after step 2" in snap.message and "Lower learn_rate" in snap.message
+    kept = formats.read(paths.embeddings_dir / f"{NAME}.pt")
+    assert kept.step == 2
+
