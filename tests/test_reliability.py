@@ -150,6 +150,7 @@ def test_interrupt_pressed_during_a_save_lets_the_save_finish_then_stops(studio,
     copy = next(e.path for e in events if isinstance(e, Saved) and not e.final)
     assert formats.read(copy).step == 2  # the copy is whole
     assert events[-1].interrupted and events[-1].step == 2
+    assert events[-1].message == f"Training interrupted at step 2; saved to {emb_path}"
     assert formats.read(emb_path).step == 2 and formats.read_optim(emb_path, formats.read(emb_path)) is not None
     assert leftovers(paths.embeddings_dir, paths.outputs_dir) == []
 
