@@ -83,6 +83,39 @@ def test_emphasis_applies_to_every_vector(studio):
     assert out.weights[0][1] == 1.0 and out.weights[0][5] == 1.0
 
 
+def test_emphasis_scales_the_encoder_output_then_restores_its_mean(studio):
+    # A1111: z *= weights per token, then z *= old_mean / new_mean. The tiny model's final LayerNorm has a zero
+    # bias (outputs of mean ~0); give it a real model's kind of offset for this test.
+    enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {})
+    norm = getattr(studio.text_encoder, "text_model", studio.text_encoder).final_layer_norm
+    with torch.no_grad():
+        norm.bias += 0.5
+        try:
+            plain, _ = enc.encode(["a photo of a cat"])
+            weighted, _ = enc.encode(["a photo of a (cat:1.5)"])
+        finally:
+            norm.bias -= 0.5
+    weights = torch.ones(plain.shape[1])
+    weights[5] = 1.5  # BOS, a, photo, of, a, cat
+    expected = plain * weights[None, :, None]
+    expected = expected * (plain.mean() / expected.mean())
+    assert not torch.equal(plain, weighted)
+    torch.testing.assert_close(weighted, expected)
+    torch.testing.assert_close(weighted.mean(), plain.mean())
+
+
+def test_emphasis_on_a_zero_mean_output_stays_finite(studio):
+    # Where the mean is ~0 the ratio would be 0/0 (A1111 gives NaN images); the scaled output is kept instead.
+    enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {})
+    with torch.no_grad():
+        plain, _ = enc.encode(["a photo of a cat"])
+        weighted, _ = enc.encode(["a photo of a (cat:1.5)"])
+    assert plain.mean().abs() < 1e-4 * plain.abs().mean()  # the tiny model's case
+    assert torch.isfinite(weighted).all()
+    torch.testing.assert_close(weighted[0, 5], plain[0, 5] * 1.5)
+    torch.testing.assert_close(weighted[0, 4], plain[0, 4])
+
+
 def test_chunking_over_75_tokens(studio):
     enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {})
     prompt = " ".join(["cat"] * 80)

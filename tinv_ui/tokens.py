@@ -210,6 +210,19 @@ def spliced(text_encoder) -> Iterator[VectorSplice]:
         emb_module.token_embedding = original
 
 
+def _apply_emphasis(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A1111's emphasis: scale each token's output by its weight, then restore each chunk's mean.
+
+    A mean that is (nearly) zero cannot be restored by a ratio (A1111 would divide by ~0 and get inf/NaN);
+    such a chunk keeps the plain scaled output.
+    """
+    mean_before = z.mean(dim=(1, 2), keepdim=True)
+    z = z * w.unsqueeze(-1)
+    mean_after = z.mean(dim=(1, 2), keepdim=True)
+    usable = mean_after.abs() > 1e-4 * z.abs().mean(dim=(1, 2), keepdim=True)
+    return z * torch.where(usable, mean_before / torch.where(usable, mean_after, 1.0), 1.0)
+
+
 class PromptEncoder:
     """Encodes prompts to conditioning with the given embeddings (`name -> [n, d] tensor`)."""
 
@@ -251,9 +264,7 @@ class PromptEncoder:
                 z = out[0]
         w = torch.tensor(weights, device=device, dtype=z.dtype)
         if not torch.all(w == 1):
-            mean_before = z.mean(dim=(1, 2), keepdim=True)
-            z = z * w.unsqueeze(-1)
-            z = z * (mean_before / z.mean(dim=(1, 2), keepdim=True))
+            z = _apply_emphasis(z, w)
         z = z.reshape(len(prompts), n_chunks * z.shape[1], z.shape[2])
         return z, list(dict.fromkeys(used))
 
