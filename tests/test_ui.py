@@ -161,6 +161,24 @@ def test_model_picker_lists_models_and_loads(paths):
 
 
 # -- app.py ------------------------------------------------------------------------------------------------
+def test_app_passes_share_auth_xformers_and_compile_through(tmp_path, cache_dir, monkeypatch):
+    import tinv_ui.ui
+    import tinv_ui.ui.model_picker as model_picker
+
+    launched, xformers_for = [], []
+    monkeypatch.setattr(tinv_ui.ui, "launch", lambda demo, paths, host, port, **kw: launched.append((demo, paths, host, port, kw)))
+    monkeypatch.setattr(model_picker, "enable_xformers", lambda studio: xformers_for.append(studio) or False)
+    app.main(["--model", "tiny", "--share", "--xformers", "--compile", "--auth", "alice:s3:cret", "--host", "0.0.0.0",
+              "--port", "7999", "--embeddings-dir", str(tmp_path / "e"), "--outputs-dir", str(tmp_path / "o"),
+              "--models-dir", str(tmp_path / "m"), "--cache-dir", str(cache_dir)])
+    [(demo, paths, host, port, kw)] = launched
+    assert (host, port, kw) == ("0.0.0.0", 7999, {"share": True, "auth": ("alice", "s3:cret")})
+    assert paths.embeddings_dir == tmp_path / "e" and (tmp_path / "o").is_dir() and (tmp_path / "m").is_dir()
+    assert len(xformers_for) == 1 and xformers_for[0].info.is_tiny  # the startup model got xformers
+    boxes = [b for b in demo.blocks.values() if isinstance(b, gr.Checkbox)]
+    assert [b.value for b in boxes if b.label in ("torch.compile the UNet", "xformers attention")] == [True, True]
+
+
 def test_app_binds_loopback_and_warns_when_exposed():
     args = app.parse_args([])
     assert (args.host, args.port, args.share, args.auth) == ("127.0.0.1", 7860, False, None)
