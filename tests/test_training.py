@@ -466,3 +466,29 @@ def test_clipping_sees_the_unscaled_gradients_under_a_grad_scaler(studio, paths,
         assert got.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
     assert scaled == pytest.approx(plain, rel=1e-4)  # and the scaled run trained the same
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_a_v_prediction_model_trains_on_velocity_and_sample_models_are_refused(
+        studio, paths, images, emb_path, monkeypatch, prediction_type):
+    # SD 2.x 768 models predict v: the trainer must take the target from the model's scheduler config.
+    from diffusers import DDPMScheduler
+
+    original = studio.pipeline.scheduler
+    monkeypatch.setattr(studio.pipeline, "scheduler",
+                        DDPMScheduler.from_config(original.config, prediction_type=prediction_type))
+    kinds, real = [], training.diffusion_loss
+
+    def spy(unet, scheduler, *args, **kwargs):
+        kinds.append(scheduler.config.prediction_type)
+        return real(unet, scheduler, *args, **kwargs)
+
+    monkeypatch.setattr(training, "diffusion_loss", spy)
+    if prediction_type == "sample":
+        with pytest.raises(TrainingError, match="the model predicts 'sample'; only epsilon and v_prediction"):
+            run(studio, paths, config(images, max_steps=2))
+        assert kinds == [] and formats.read(emb_path).step == 0
+        return
+    events = run(studio, paths, config(images, max_steps=2))
+    assert kinds == ["v_prediction"] * 2
+    assert events[-1].step == 2 and torch.isfinite(formats.read(emb_path).vectors).all()
