@@ -211,6 +211,47 @@ def test_partial_file_is_skipped_then_picked_up(folder):
     assert lib.names() == ["late"] and lib.skipped == []
 
 
+def test_rescans_racing_a_slow_copy_never_fail_or_load_a_torn_file(folder):
+    # A peer (A1111, a file manager) copies a file in without a temp name while the UI timers and the trainer
+    # rescan from their own threads: every rescan succeeds, and a loaded entry always holds the whole file.
+    import threading
+    import time
+
+    vec = torch.randn(75, 32, generator=torch.Generator().manual_seed(7))
+    src = formats.write(Embedding("slow", vec, step=0), folder.parent / "slow.safetensors")
+    data = src.read_bytes()
+    lib, done, errors, torn, seen = EmbeddingLibrary(folder), threading.Event(), [], [], set()
+
+    def copier():
+        with open(folder / "slow.safetensors", "wb") as f:
+            for i in range(0, len(data), 512):
+                f.write(data[i:i + 512])
+                f.flush()
+                time.sleep(0.002)
+        done.set()
+
+    def rescanner():
+        while not done.is_set():
+            try:
+                lib.refresh()
+                entry = lib.loaded.get("slow")
+                seen.add("loaded" if entry else "skipped" if any(x.name == "slow" for x in lib.skipped) else "absent")
+                if entry is not None and not torch.equal(entry.embedding.vectors, vec):
+                    torn.append(entry)
+            except Exception as e:  # noqa: BLE001 - any exception is the failure being tested for
+                errors.append(e)
+
+    threads = [threading.Thread(target=copier)] + [threading.Thread(target=rescanner) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and torn == []
+    assert "skipped" in seen  # the rescans really saw the copy half-way
+    lib.refresh()
+    assert lib.names() == ["slow"] and torch.equal(lib.get("slow").embedding.vectors, vec) and lib.skipped == []
+
+
 def test_symlink_loop_does_not_hang(folder):
     _write(folder / "a.pt")
     (folder / "loop").symlink_to(folder, target_is_directory=True)
