@@ -183,6 +183,30 @@ def test_train_then_generate_headless(tmp_path, built_cache, images):
         assert 'TI hashes: "clitrain: ' in img.info["parameters"]
 
 
+def test_two_process_data_parallel_training_on_the_cpu(tmp_path, built_cache, images):
+    """`torchrun --nproc_per_node 2 -m tinv_ui train`: one process group (gloo on a CPU-only machine), one set of
+    output lines and files, and gradients averaged over both processes (so the result differs from one process)."""
+    results = {}
+    for procs in (1, 2):
+        folders = ["--embeddings-dir", str(tmp_path / f"emb{procs}"), "--outputs-dir", str(tmp_path / f"out{procs}")]
+        assert run_cli("create", "--name", "dp", "--num-vectors", "2", *folders, cache_dir=built_cache).returncode == 0
+        train = ["--cache-dir", str(built_cache), "train", "--embedding", "dp", "--dataset-dir", str(images),
+                 "--max-steps", "3", "--save-every", "2", "--preview-every", "0", "--width", "64", "--height", "64",
+                 "--template", "subject", "--seed", "9", *folders]
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if procs == 2 else []
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+        proc = subprocess.run([sys.executable, *launcher, "-m", "tinv_ui", *train], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = proc.stdout.splitlines()
+        assert sum(line.startswith("started: ") for line in lines) == 1  # only the main process reports
+        assert [line.split()[1] for line in lines if line.startswith("step ")] == ["1/3", "2/3", "3/3"]
+        assert sorted(p.name for p in (tmp_path / f"emb{procs}").iterdir()) == ["dp.pt", "dp.pt.optim"]
+        results[procs] = formats.read(tmp_path / f"emb{procs}" / "dp.pt")
+    assert results[2].step == results[1].step == 3
+    assert not torch.equal(results[2].vectors, results[1].vectors)  # the second process's gradients counted
+
+
 def test_ctrl_c_interrupts_training_and_saves(tmp_path, built_cache, images):
     import signal
 

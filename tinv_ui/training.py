@@ -726,8 +726,15 @@ def distributed_accelerator() -> Any:
     Create it ONCE per process, in the CLI only: accelerate's state is a process-wide singleton, so a web app
     must never build one per run. Precision is handled by our own autocast, so it gets no mixed_precision.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return None
     from accelerate import Accelerator
 
-    return Accelerator()
+    # Without CUDA, accelerate only forms a (gloo) process group when told to use the CPU; otherwise every
+    # process would train alone and all of them would write the same files.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes != world:
+        raise TrainingError(f"WORLD_SIZE is {world} but accelerate joined {accelerator.num_processes} process(es); "
+                            "start multi-GPU runs with `accelerate launch -m tinv_ui train ...`.")
+    return accelerator
