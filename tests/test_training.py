@@ -360,6 +360,37 @@ def test_vae_offload_plumbing_moves_nothing_permanent(studio, paths, images, emb
     assert not hasattr(vae, "_hf_hook") and next(vae.parameters()).device == studio.device
 
 
+def test_vae_offload_is_wanted_only_on_a_short_cuda_device():
+    gib = 2**30
+    assert not training.vae_offload_wanted(torch.device("cpu"), lambda d: (0, 0))  # never on the CPU
+    assert training.vae_offload_wanted(torch.device("cuda:0"), lambda d: (2 * gib, 24 * gib))
+    assert not training.vae_offload_wanted(torch.device("cuda:0"), lambda d: (8 * gib, 24 * gib))
+    assert training.VAE_OFFLOAD_BELOW_FREE_BYTES == 3 * gib
+
+
+def test_gradient_checkpointing_recomputes_but_trains_the_same(studio, paths, images, monkeypatch):
+    import torch.utils.checkpoint as checkpoint_module
+
+    calls, real = [], checkpoint_module.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "checkpoint", counting)
+    results = {}
+    for on in (False, True):
+        calls.clear()
+        path = create_embedding(studio, CreateConfig(name=NAME, initializer="painting", num_vectors=2, overwrite=True),
+                                paths.embeddings_dir)
+        losses = [e.loss for e in run(studio, paths, config(images, max_steps=2, gradient_checkpointing=on))
+                  if isinstance(e, Step)]
+        results[on] = (losses, formats.read(path).vectors, len(calls))
+    assert results[False][2] == 0 and results[True][2] > 0  # the UNet blocks really were checkpointed
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
+
+
 def test_single_process_accelerator_path(studio, paths, images, emb_path):
     """`accelerate launch` runs use one Accelerator; with one process the same loop runs (multi-GPU not testable here)."""
     from accelerate import Accelerator
