@@ -220,7 +220,7 @@ def test_a_run_survives_a_closed_tab_refuses_a_second_start_and_serves_generatio
     expect(field(page, "tinv-create-status")).to_have_value("Created: embeddings/long-run.pt")
     data = tmp_path / "data"
     write_images(data, 3)
-    start_training(page, "long-run", str(data), max_steps=100_000)
+    start_training(page, "long-run", str(data), max_steps=100_000, preview_every=3)
     expect(page.locator("#tinv-train-progress")).to_contain_text(re.compile(r"long-run: step \d+/100000 · ETA"))
     page.close()  # the tab goes away mid-run
 
@@ -231,6 +231,9 @@ def test_a_run_survives_a_closed_tab_refuses_a_second_start_and_serves_generatio
     expect(progress).to_contain_text(re.compile(r"long-run: step \d+/100000 · ETA"))
     first = int(re.search(r"step (\d+)/", progress.inner_text()).group(1))
     expect(progress).not_to_contain_text(f"step {first}/", timeout=15_000)  # still training
+    # Previews appear while the run goes on (not only at its end).
+    expect(again.locator("#tinv-train-previews img").first).to_be_visible(timeout=30_000)
+    expect(progress).to_contain_text("ETA")
 
     # Start again from this tab: refused with the running job named; the run goes on.
     again.get_by_role("button", name="Start training").click()
