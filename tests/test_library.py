@@ -217,9 +217,8 @@ def test_rescans_racing_a_slow_copy_never_fail_or_load_a_torn_file(folder):
     import threading
     import time
 
-    vec = torch.randn(75, 32, generator=torch.Generator().manual_seed(7))
-    src = formats.write(Embedding("slow", vec, step=0), folder.parent / "slow.safetensors")
-    data = src.read_bytes()
+    src = _write(folder.parent / "slow.safetensors", n=75, seed=7)
+    vec, data = formats.read(src).vectors, src.read_bytes()
     lib, done, errors, torn, seen = EmbeddingLibrary(folder), threading.Event(), [], [], set()
 
     def copier():

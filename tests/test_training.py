@@ -21,10 +21,16 @@ from tinv_ui.training import train
 NAME = "tstemb"
 
 
+def make_embedding(studio, paths, overwrite: bool = False):
+    """A 2-vector embedding initialised from 'painting'; `overwrite` starts it afresh for a second run."""
+    cfg = CreateConfig(name=NAME, initializer="painting", num_vectors=2, overwrite=overwrite)
+    return create_embedding(studio, cfg, paths.embeddings_dir)
+
+
 @pytest.fixture
 def emb_path(studio, paths):
     """A 2-vector embedding initialised from 'painting' (engineer A's create_embedding)."""
-    return create_embedding(studio, CreateConfig(name=NAME, initializer="painting", num_vectors=2), paths.embeddings_dir)
+    return make_embedding(studio, paths)
 
 
 def config(images, **kw) -> TrainConfig:
@@ -360,11 +366,15 @@ def test_vae_offload_plumbing_moves_nothing_permanent(studio, paths, images, emb
     assert not hasattr(vae, "_hf_hook") and next(vae.parameters()).device == studio.device
 
 
-def test_vae_offload_is_wanted_only_on_a_short_cuda_device():
+def test_vae_offload_is_wanted_only_on_a_short_cuda_device(monkeypatch):
     gib = 2**30
-    assert not training.vae_offload_wanted(torch.device("cpu"), lambda d: (0, 0))  # never on the CPU
-    assert training.vae_offload_wanted(torch.device("cuda:0"), lambda d: (2 * gib, 24 * gib))
-    assert not training.vae_offload_wanted(torch.device("cuda:0"), lambda d: (8 * gib, 24 * gib))
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 24 * gib))
+    assert not training.vae_offload_wanted(torch.device("cpu"))  # never on the CPU
+    free["bytes"] = 2 * gib
+    assert training.vae_offload_wanted(torch.device("cuda:0"))
+    free["bytes"] = 8 * gib
+    assert not training.vae_offload_wanted(torch.device("cuda:0"))
     assert training.VAE_OFFLOAD_BELOW_FREE_BYTES == 3 * gib
 
 
@@ -381,8 +391,7 @@ def test_gradient_checkpointing_recomputes_but_trains_the_same(studio, paths, im
     results = {}
     for on in (False, True):
         calls.clear()
-        path = create_embedding(studio, CreateConfig(name=NAME, initializer="painting", num_vectors=2, overwrite=True),
-                                paths.embeddings_dir)
+        path = make_embedding(studio, paths, overwrite=True)
         losses = [e.loss for e in run(studio, paths, config(images, max_steps=2, gradient_checkpointing=on))
                   if isinstance(e, Step)]
         results[on] = (losses, formats.read(path).vectors, len(calls))
@@ -485,10 +494,9 @@ def test_clipping_sees_the_unscaled_gradients_under_a_grad_scaler(studio, paths,
 
     monkeypatch.setattr(training, "_clip_gradients", recording_clip)
     cfg = config(images, max_steps=2, clip_grad_mode="norm", clip_grad_value="1e-4")
-    recreate = CreateConfig(name=NAME, initializer="painting", num_vectors=2, overwrite=True)
     plain = [e.loss for e in run(studio, paths, cfg) if isinstance(e, Step)]
     plain_grads, seen[:] = list(seen), []
-    create_embedding(studio, recreate, paths.embeddings_dir)
+    make_embedding(studio, paths, overwrite=True)
     monkeypatch.setattr(torch.amp, "GradScaler",
                         lambda device, enabled=True: real_scaler(device, init_scale=2.0**12, enabled=True))
     scaled = [e.loss for e in run(studio, paths, cfg) if isinstance(e, Step)]

@@ -35,7 +35,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -350,12 +350,9 @@ def tuned_unet(studio, cfg: TrainConfig, compile_unet: bool) -> Iterator[Any]:
                 unet.to(memory_format=torch.contiguous_format)
 
 
-def vae_offload_wanted(device: torch.device, mem_get_info: Callable[[Any], tuple[int, int]] | None = None) -> bool:
+def vae_offload_wanted(device: torch.device) -> bool:
     """True on a CUDA device with less than `VAE_OFFLOAD_BELOW_FREE_BYTES` free (never on the CPU)."""
-    if device.type != "cuda":
-        return False
-    free, _total = (mem_get_info or torch.cuda.mem_get_info)(device)
-    return free < VAE_OFFLOAD_BELOW_FREE_BYTES
+    return device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < VAE_OFFLOAD_BELOW_FREE_BYTES
 
 
 @contextlib.contextmanager
