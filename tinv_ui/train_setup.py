@@ -133,11 +133,10 @@ def _newest_good_state(root: Path, emb: Embedding, path: Path) -> tuple[Embeddin
     file_time = path.stat().st_mtime_ns
     pattern = re.compile(rf"^{re.escape(emb.name)}-(\d+)(\.[A-Za-z]+)$", re.IGNORECASE)
     found = []
-    for folder in root.glob("*/*/embeddings"):  # <root>/<date>/<name or name_runK>/embeddings
-        owner = folder.parent.name.lower()
-        if owner != emb.name.lower() and not re.fullmatch(rf"{re.escape(emb.name.lower())}_run\d+", owner):
+    for run_dir in _run_folders(root, emb.name):
+        if not (run_dir / "embeddings").is_dir():
             continue
-        for copy in folder.iterdir():
+        for copy in (run_dir / "embeddings").iterdir():
             match = pattern.match(copy.name)
             if not match or match.group(2).lower() not in formats.EMBEDDING_SUFFIXES:
                 continue
@@ -260,11 +259,13 @@ def _is_resume_state(saved: Any) -> bool:
 
 
 def remove_stale_temp_files(plan: Plan) -> None:
-    """Delete temp files of our own naming (`fileio.temp_target`) that a killed run left: in the run's output
-    folders, and the ones beside the library file that were about to replace this embedding or its `.optim`."""
+    """Delete temp files of our own naming (`fileio.temp_target`) that a killed run left: in this embedding's
+    run folders (`<log root>/<date>/<name>[_runK]`), and beside the library file the ones that were about
+    to replace this embedding or its `.optim`."""
     own = {plan.path.name, formats.optim_path(plan.path).name}
-    folders = [(plan.path.parent, own)] + [(f, None) for f in (plan.out_dir, plan.out_dir / "embeddings",
-                                                                plan.out_dir / "images")]
+    folders: list[tuple[Path, set[str] | None]] = [(plan.path.parent, own)]
+    for run_dir in {plan.out_dir, *_run_folders(plan.out_dir.parent.parent, plan.name)}:
+        folders += [(run_dir, None), (run_dir / "embeddings", None), (run_dir / "images", None)]
     for folder, targets in folders:
         if not folder.is_dir():
             continue
@@ -273,6 +274,12 @@ def remove_stale_temp_files(plan: Plan) -> None:
             if target is not None and (targets is None or target in targets) and file.is_file():
                 log.info("removing %s, left by an interrupted write", file)
                 file.unlink(missing_ok=True)
+
+
+def _run_folders(root: Path, name: str) -> list[Path]:
+    """`<root>/<date>/<name>` and `<root>/<date>/<name>_runK`: every folder a run of this embedding wrote to."""
+    own = re.compile(rf"{re.escape(name.lower())}(_run\d+)?")
+    return [d for d in root.glob("*/*") if d.is_dir() and own.fullmatch(d.name.lower())]
 
 
 # ---------------------------------------------------------------------------------------------------
