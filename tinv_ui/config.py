@@ -118,7 +118,7 @@ class TrainConfig:
     filename_regex: str = knob("", "Keep only these regex matches of file names when building captions.")
     filename_join: str = knob(" ", "Join string for the regex matches.")
     preview_every: int = knob(500, "Render preview images every N steps; 0 disables.", 0, 10_000_000)
-    save_every: int = knob(500, "Save a copy of the embedding every N steps as <name>-<N>.pt (exactly N steps; A1111's held N-1); 0 disables.", 0, 10_000_000)
+    save_every: int = knob(500, "Save a copy of the embedding every N steps as <name>-<N> in its own format (exactly N steps; A1111's held N-1); 0 disables.", 0, 10_000_000)
     preview_prompt: str = knob("", "Prompt for previews; empty = the first prompt of the current batch.")
     preview_negative_prompt: str = knob("", "Negative prompt for previews.")
     preview_steps: int = knob(20, "Sampling steps for previews.", 1, 150)
