@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import subprocess
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_images
 
 from tinv_ui import formats, train_setup
 from tinv_ui.config import CreateConfig, Paths, TrainConfig

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from ..studio import list_models
 from ..tiny_model import TINY_LABEL
 from .context import UIContext
 from .errors import user_errors
-
-log = logging.getLogger(__name__)
 
 TINY = "tiny"
 
