@@ -69,3 +69,26 @@ def images(tmp_path) -> Path:
     folder = tmp_path / "dataset"
     write_images(folder)
     return folder
+
+
+def blocked_in_session(thread) -> bool:
+    """True while `thread` waits in `Studio.session` for the lock (its innermost Python frame is that method).
+
+    Lets a test hold the lock and know, without a timing window, that another thread is waiting for it.
+    """
+    import sys
+
+    frame = sys._current_frames().get(thread.ident)
+    return frame is not None and frame.f_code.co_name == "session" and frame.f_code.co_filename.endswith("studio.py")
+
+
+def wait_until(condition, what: str, limit: float = 60.0) -> None:
+    """Poll `condition` every 10 ms; fail naming `what` after `limit` seconds."""
+    import threading
+
+    pause = threading.Event()
+    for _ in range(int(limit * 100)):
+        if condition():
+            return
+        pause.wait(0.01)
+    raise AssertionError(f"timed out waiting until {what}")
