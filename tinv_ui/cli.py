@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import CreateConfig, GenerateConfig, ModelSpec, Paths, TrainConfig, field_help, field_range
 from .errors import TinvError
-from .events import Finished, Generated, Preview, Saved, Started, Step
+from .events import Finished, Generated, Preview, Saved, Started, Step, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +123,6 @@ def _library(args: argparse.Namespace, studio=None, width: int | None = None, to
 
 
 # -- event printing -------------------------------------------------------------------------------------------
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "?"
-    value = int(round(value))
-    return f"{value // 3600}:{value // 60 % 60:02d}:{value % 60:02d}" if value >= 3600 else f"{value // 60}:{value % 60:02d}"
-
-
 def format_event(event: Any) -> list[str]:
     """The lines the CLI prints for one event."""
     match event:
@@ -140,7 +133,7 @@ def format_event(event: Any) -> list[str]:
             return lines + ([event.message] if event.message else [])
         case Step():
             extra = "".join(f" {k}={v:.6g}" for k, v in (("loss", event.loss), ("lr", event.lr)) if v is not None)
-            return [f"step {event.step}/{event.total}{extra} elapsed {_seconds(event.elapsed)} eta {_seconds(event.eta)}"]
+            return [f"step {event.step}/{event.total}{extra} elapsed {format_duration(event.elapsed)} eta {format_duration(event.eta)}"]
         case Preview():
             where = ", ".join(str(p) for p in event.paths) or f"{len(event.images)} images (not saved)"
             return [f"preview at step {event.step}: {where}"]

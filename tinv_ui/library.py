@@ -14,7 +14,6 @@ Compared with A1111's `EmbeddingDatabase` (spec §5.1-5.5), on purpose:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -28,6 +27,7 @@ import torch
 from . import formats
 from .embedding import Embedding
 from .errors import EmbeddingFormatError, TinvError
+from .fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,6 @@ def width_label(width: int) -> str:
     """`768 (SD 1.x)`: a width with the model family it belongs to, when known."""
     family = WIDTH_FAMILIES.get(width)
     return f"{width} ({family})" if family else str(width)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_candidate(name: str) -> bool:
@@ -161,7 +153,7 @@ class EmbeddingLibrary:
         path = self.folder / key[0]
         try:
             emb = formats.read(path)
-            parsed = _Parsed(emb, sha256=_sha256(path))
+            parsed = _Parsed(emb, sha256=file_sha256(path))
         except formats.NotAnEmbeddingImage:
             parsed = _Parsed(None)  # an ordinary picture: not listed anywhere, like A1111
         except EmbeddingFormatError as e:

@@ -116,9 +116,6 @@ class PromptTokenizer:
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
 
-    def name_ids(self, name: str) -> tuple[int, ...]:
-        return tuple(self._ids(name))
-
     def _match(self, ids: list[int], i: int) -> tuple[str, int] | None:
         for cand, name in self._index.get(ids[i], ()):
             if tuple(ids[i : i + len(cand)]) == cand:

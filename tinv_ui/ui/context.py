@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Paths
+from ..jobs import JobStatus
 
 
 
@@ -43,7 +44,7 @@ class UIContext:
 
     def training_running(self) -> bool:
         job = self.runner.current
-        return job is not None and job.snapshot().status == "running"
+        return job is not None and job.snapshot().status == JobStatus.RUNNING
 
 
 def display_path(path: str | Path) -> str:
@@ -53,16 +54,6 @@ def display_path(path: str | Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def format_duration(seconds: float | None) -> str:
-    """1234.5 → '20:34', 4000 → '1:06:40'; None → '?'."""
-    if seconds is None:
-        return "?"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def progress_html(done: int, total: int, label: str, state: str = "running") -> str:

@@ -14,8 +14,8 @@ import gradio as gr
 
 from .. import generation
 from ..config import SAMPLERS, GenerateConfig
-from ..events import Generated, Step
-from .context import UIContext, format_duration, library_report, progress_html
+from ..events import Generated, Step, format_duration
+from .context import UIContext, library_report, progress_html
 from .errors import user_errors
 from .forms import Form
 
