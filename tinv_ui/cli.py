@@ -9,18 +9,18 @@ print one line to stderr and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import enum
 import json
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .config import CreateConfig, GenerateConfig, ModelSpec, Paths, TrainConfig, field_help, field_range
+from .config import (Compile, CreateConfig, FieldSpec, GenerateConfig, ModelSpec, Paths, TrainConfig, field_help,
+                     field_range, field_spec)
 from .errors import TinvError
 from .events import Finished, Generated, Preview, Saved, Started, Step, format_duration
 
@@ -36,37 +36,28 @@ def _out(line: str) -> None:
 
 
 # -- options from dataclasses ----------------------------------------------------------------------------
-def _default(f) -> Any:
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return None
-
-
-def _help(cls: type, f, default: Any) -> str:
-    text = field_help(cls, f.name)
-    lo, hi = field_range(cls, f.name)
+def _help(cls: type, spec: FieldSpec) -> str:
+    text = field_help(cls, spec.name)
+    lo, hi = field_range(cls, spec.name)
     if lo is not None or hi is not None:
         text += f" Range {lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}."
-    shown = default.value if isinstance(default, enum.Enum) else default
-    return f"{text} (default: {shown!r})".replace("%", "%%")
+    return f"{text} (default: {spec.shown_default!r})".replace("%", "%%")
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--field-name` option per dataclass field, typed from its default, help from its metadata."""
     for f in fields(cls):
-        default = _default(f)
+        spec = field_spec(cls, f.name)
         flags = [f"--{f.name.replace('_', '-')}", *OPTION_ALIASES.get(f.name, ())]
-        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": _help(cls, f, default)}
-        if isinstance(default, bool):
-            kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
-        elif isinstance(default, enum.Enum):
-            kw.update(type=str, choices=[e.value for e in type(default)], default=default.value)
-        elif isinstance(default, (int, float)):
-            kw["type"] = type(default)
-        else:  # str, or None: then the annotation ("int | None") says what to parse
-            kw["type"] = {"int": int, "float": float}.get(str(f.type).split("|")[0].strip(), str)
+        kw: dict[str, Any] = {"dest": f.name, "default": spec.shown_default, "help": _help(cls, spec)}
+        if spec.kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction if spec.default else "store_true"
+        elif spec.kind == "choice":
+            kw.update(type=str, choices=list(spec.choices))
+            if isinstance(spec.default, Compile):  # a bare `--compile` still means on
+                kw.update(nargs="?", const=Compile.ON.value)
+        else:
+            kw["type"] = {"int": int, "float": float}.get(spec.kind, str)
         parser.add_argument(*flags, **kw)
 
 
@@ -117,8 +108,9 @@ def _library(args: argparse.Namespace, studio=None, width: int | None = None, to
 
     library = EmbeddingLibrary(args.embeddings_dir)
     if studio is not None:
-        width, tokenizer = studio.embedding_width, studio.tokenizer
-    library.refresh(expected_width=width, tokenizer=tokenizer)
+        library.rescan_for(studio)
+    else:  # `embeddings --width N` without a model: check against the width asked for
+        library.refresh(expected_width=width, tokenizer=tokenizer)
     return library
 
 

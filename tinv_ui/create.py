@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from . import formats
 from .config import CreateConfig, EmbeddingFileFormat
 from .embedding import Embedding, sanitize_name
 from .errors import ConfigError, InvalidNameError
+
+if TYPE_CHECKING:
+    from .studio import Studio
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,7 @@ def _check_existing(path: Path, overwrite: bool) -> None:
         )
 
 
-def create_embedding(studio, cfg: CreateConfig, embeddings_dir: str | Path) -> Path:
+def create_embedding(studio: Studio, cfg: CreateConfig, embeddings_dir: str | Path) -> Path:
     """Create `<embeddings_dir>/<name>.pt|.safetensors` with step 0 and return its path."""
     path = check_target(cfg, embeddings_dir)
     name = path.stem

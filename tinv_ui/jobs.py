@@ -13,11 +13,16 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Paths, TrainConfig
 from .errors import BusyError, TinvError
 from .events import Finished, Preview, Saved, Started, Step
 from .training import train
+
+if TYPE_CHECKING:
+    from .library import EmbeddingLibrary
+    from .studio import Studio
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ class JobSnapshot:
 class TrainingJob:
     """One training run on a daemon thread. Use `TrainingRunner.start` to create it."""
 
-    def __init__(self, studio, cfg: TrainConfig, library, paths: Paths) -> None:
+    def __init__(self, studio: Studio, cfg: TrainConfig, library: EmbeddingLibrary, paths: Paths) -> None:
         self.cfg = cfg
         self._args = (studio, cfg, library, paths)
         self._stop = threading.Event()
@@ -133,8 +138,8 @@ class TrainingJob:
 class TrainingRunner:
     """Owns the one training slot of an app: at most one run at a time."""
 
-    studio: object
-    library: object
+    studio: Studio
+    library: EmbeddingLibrary
     paths: Paths
     _current: TrainingJob | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from . import formats
 from .embedding import Embedding
 from .errors import EmbeddingFormatError, TinvError
 from .fileio import file_sha256
+
+if TYPE_CHECKING:
+    from .studio import Studio
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,16 @@ class EmbeddingLibrary:
             self._rebuild(files, expected_width, tokenizer)
             self._signature = signature
             return True
+
+    def rescan_for(self, studio: Studio, force: bool = False) -> bool:
+        """`refresh` for the studio's loaded model: its vector width and tokenizer (no model: no width check).
+
+        Every caller (generation, training, the UI, the CLI) passes the same pair, so none forces a rebuild
+        on another's behalf.
+        """
+        if not studio.loaded:
+            return self.refresh(force=force)
+        return self.refresh(expected_width=studio.embedding_width, tokenizer=studio.tokenizer, force=force)
 
     def _candidates(self) -> list[_StatKey]:
         """Every candidate file with its stat key, sorted: the cheap change signature."""

@@ -201,8 +201,7 @@ def _advanced_settings(ctx: UIContext, form: Form) -> None:
         form.add("gradient_checkpointing", "Gradient checkpointing")
     with gr.Row():
         form.add("xformers", "xformers attention", value=ctx.xformers)
-        form.register("compile", gr.Dropdown(["auto", "on", "off"], value="auto", label="torch.compile",
-                                             info=field_help(TrainConfig, "compile")))
+        form.add("compile", "torch.compile")
 
 
 def _embedding_update(ctx: UIContext, select: str | None = None) -> Any:
