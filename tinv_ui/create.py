@@ -1,4 +1,5 @@
-"""Create a new embedding file from initializer text (A1111 spec §1).
+"""Create a new embedding file from initializer text (A1111's `create_embedding` in
+`modules/textual_inversion/textual_inversion.py`).
 
 Vector i of n copies token row floor(i*T/n) of the initializer's T tokens (the text tokenized without
 BOS/EOS and truncated to n): fewer tokens than vectors repeat in order (t0,t0,t1,t1), more are cut.

@@ -1,6 +1,6 @@
 """Training images: listing, decoding, captions, size buckets, the latent cache and the batch sampler.
 
-Follows A1111's dataset (spec §3) with its quirks fixed:
+Follows A1111's dataset (`modules/textual_inversion/dataset.py`, `PersonalizedBase`) with its quirks fixed:
 - the folder is listed non-recursively and every file is tried with Pillow (no extension list); files that
   are not usable are reported with a reason instead of being skipped silently;
 - EXIF orientation is applied; palette/RGB images with transparency become RGBA; the alpha channel is kept
@@ -100,7 +100,8 @@ def compile_filename_regex(pattern: str) -> re.Pattern | None:
 
 
 def caption_for(path: Path, regex: re.Pattern | None = None, join: str = " ") -> str:
-    """The caption of an image: its `.txt` sidecar (stripped), else its file name (spec §3.2).
+    """The caption of an image: its `.txt` sidecar (stripped), else its file name (as A1111's
+    `PersonalizedBase.__init__` in `modules/textual_inversion/dataset.py`).
 
     For file names a leading run of digits/dashes is removed (`000001-1-a man.png` -> "a man"); with a regex,
     only its matches (whole matches, also when the pattern has groups) are kept, joined with `join`.
@@ -312,7 +313,8 @@ def build_latent_cache(
 
 
 class BucketBatchSampler:
-    """Endless stream of micro-batches of image indices, each batch from one size bucket (spec §3.4).
+    """Endless stream of micro-batches of image indices, each batch from one size bucket (A1111's
+    `GroupedBatchSampler` in `modules/textual_inversion/dataset.py`).
 
     Per epoch (`N // batch_size` batches): each bucket gives its full batches from its shuffled members; the
     remaining batches come from buckets drawn in proportion to their leftovers, members drawn with replacement

@@ -1,4 +1,5 @@
-"""Read and write embedding files in every layout the TI ecosystem uses (A1111 spec §4, peers §8).
+"""Read and write embedding files in every layout the TI ecosystem uses: A1111 (`EmbeddingDatabase.load_from_file`
+in `modules/textual_inversion/textual_inversion.py`), diffusers' `load_textual_inversion`, kohya, ComfyUI, InvokeAI.
 
 Layouts we read (detected from the keys, not the file name; see `_from_dict`):
 - **a1111**: `.pt` dict with `string_to_param {"*": [n, d]}` plus name/step/sd_checkpoint metadata;
@@ -361,7 +362,7 @@ def _tensors_for(embedding: Embedding, layout: str, token: str | None) -> dict[s
 
 
 def a1111_dict(embedding: Embedding) -> dict[str, Any]:
-    """The A1111 `.pt` dict (spec §4.1); SDXL embeddings keep their clip_l/clip_g pair instead."""
+    """The A1111 `.pt` dict (`Embedding.save` in `modules/textual_inversion/textual_inversion.py`); SDXL embeddings keep their clip_l/clip_g pair instead."""
     base: dict[str, Any] = {"name": embedding.name, "step": embedding.step}
     base.update({k: embedding.meta.get(k) for k in META_KEYS})
     if embedding.is_sdxl:

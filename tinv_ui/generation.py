@@ -4,7 +4,8 @@
   vectors it is training, the Generate tab through `generate`).
 - `generate` is the request-level workflow: rescan the embeddings folder, then per batch take the lock,
   render, save; it yields `Step` per denoising step and one `Generated` per batch.
-- `infotext` writes AUTOMATIC1111's "parameters" layout (spec §6) so A1111, civitai and PNG-info readers parse it.
+- `infotext` writes AUTOMATIC1111's "parameters" layout (`modules/processing.py`
+  `create_infotext`) so A1111, civitai and PNG-info readers parse it.
 
 Conditioning is computed here, never by diffusers: diffusers' `clip_skip` is broken with transformers 5 and
 knows nothing about A1111 prompt syntax. Each image gets its own `torch.Generator` seeded `seed + i`, so a

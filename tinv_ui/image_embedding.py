@@ -1,4 +1,4 @@
-"""A1111's image embeddings (spec §4.3-4.5): the embedding dict carried inside a PNG/WebP.
+"""A1111's image embeddings (`modules/textual_inversion/image_embedding.py`): the embedding dict carried inside a PNG/WebP.
 
 Two carriers, both written, so a file survives tools that strip text chunks:
 - a PNG `tEXt` chunk `sd-ti-embedding` = base64(JSON) where tensors are `{"TORCHTENSOR": [[...]]}`;

@@ -1,6 +1,6 @@
 """The embeddings folder as a library: what is loaded, what was skipped and why, and name clashes.
 
-Compared with A1111's `EmbeddingDatabase` (spec §5.1-5.5), on purpose:
+Compared with A1111's `EmbeddingDatabase` (`modules/textual_inversion/textual_inversion.py`), on purpose:
 - a rescan happens when any candidate file's (relative path, size, mtime_ns, inode) changed, so adding,
   deleting, overwriting in place and changes in subfolders are all seen (A1111 watches only the
   folder's own mtime and misses the last two);

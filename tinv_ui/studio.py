@@ -3,7 +3,7 @@
 Training and generation are functions that take a studio; the studio holds no training or sampling
 logic. There are no module-level model globals: the app, the CLI and each test create their own studio.
 
-Lock rules (architecture-anchors §11.4, decisions §12):
+Lock rules (docs/design.md, "The lock"):
 - one plain `threading.Lock` (not an RLock: a generator holding it may be resumed on another thread);
 - the trainer takes it per optimizer step, so a generation request waits at most one step;
 - `session()` blocks by default; `session(timeout=0)` raises `BusyError` saying who holds it.

@@ -1,6 +1,7 @@
 """Prompts → text-encoder conditioning, with embeddings spliced into the token lookup (A1111 semantics).
 
-How an embedding gets into a prompt, exactly as AUTOMATIC1111 does it (spec §5.6-5.8):
+How an embedding gets into a prompt, exactly as AUTOMATIC1111 does it (`modules/sd_hijack_clip.py`,
+`modules/sd_hijack.py` `EmbeddingsWithFixes`, `modules/sd_emphasis.py`):
 - the prompt is split into (text, weight) segments by emphasis syntax: `(word)`, `(word:1.3)`, `[word]`, `BREAK`;
 - each segment is tokenized; an embedding name matches where its token ids appear (longest match wins,
   so matching is case-insensitive, like CLIP itself);

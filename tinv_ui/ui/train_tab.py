@@ -1,6 +1,6 @@
 """The "Train" tab: widgets ↔ `TrainConfig`; the run lives in `jobs.TrainingRunner`, the tab only watches it.
 
-Training runs on a background job owned by the app (decisions §12.1), so it survives a closed or reloaded
+Training runs on a background job owned by the app (docs/design.md, "Long work"), so it survives a closed or reloaded
 tab. Every open tab polls the runner's current job with a `gr.Timer` and redraws only what changed;
 Start while a run is active shows the runner's `BusyError`.
 """
