@@ -30,7 +30,7 @@ MAX_FILENAME_BYTES = 200
 
 
 # Text-encoder widths whose A1111 tokenizer is OpenCLIP (SD 2.x): there the initializer is not truncated,
-# its tokens are subsampled evenly instead (spec a1111-textual-inversion.md §1, step 2).
+# its tokens are subsampled evenly instead (A1111 `create_embedding` in `modules/textual_inversion/textual_inversion.py`).
 OPENCLIP_WIDTHS = frozenset({1024})
 
 

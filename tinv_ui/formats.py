@@ -385,7 +385,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, meta: dict[st
 
 
 # ----------------------------------------------------------------------------------------------------
-# Optimizer sidecar (A1111 §4.6)
+# Optimizer sidecar (A1111 `Embedding.save` writes `<file>.optim`)
 # ----------------------------------------------------------------------------------------------------
 def optim_path(embedding_path: str | Path) -> Path:
     """`<file>.optim` beside the embedding (A1111: `name.pt.optim`)."""
