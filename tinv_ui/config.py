@@ -25,7 +25,7 @@ def knob(default: Any, help: str, min: float | None = None, max: float | None = 
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """What the CLI and the UI form need to offer one config field: its default and kind, help and range."""
+    """What the CLI and the UI form need to offer one config field: its default and kind (help: `field_help`)."""
 
     name: str
     default: Any
