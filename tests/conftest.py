@@ -1,7 +1,8 @@
 """Shared fixtures. Every test is offline and runs on CPU on the built-in tiny model.
 
 Tiers:
-- default: `python -m pytest` runs everything not marked `slow` or `gpu` (browser tests included);
+- default: `python -m pytest` runs everything not marked `slow` or `gpu`, browser tests included: without
+  /usr/bin/chromium they fail, unless `TINV_SKIP_BROWSER=1` opts out (then they skip, and the summary says so);
 - `python -m pytest -m slow`: longer runs; `python -m pytest -m gpu`: needs CUDA.
 """
 
@@ -19,6 +20,34 @@ from pathlib import Path
 import pytest
 
 from tinv_ui.config import ModelSpec, Paths
+
+
+_skipped_browser_tests: list[str] = []
+
+
+def pytest_runtest_setup(item):
+    """A browser test without chromium fails (a green run must have driven the UI), unless opted out."""
+    if item.get_closest_marker("browser") is None:
+        return
+    from browser_app import SKIP_ENV, browser_missing, browser_opt_out
+
+    missing = browser_missing()
+    if not missing:
+        return
+    if browser_opt_out():
+        _skipped_browser_tests.append(item.nodeid)
+        pytest.skip(f"{missing}; skipped because {SKIP_ENV}=1")
+    pytest.fail(f"browser test, but {missing}. Install it, or set {SKIP_ENV}=1 to skip the browser tests "
+                "(the run then reports that no UI test ran).", pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _skipped_browser_tests:
+        from browser_app import SKIP_ENV
+
+        terminalreporter.write_sep("=", "browser tests skipped", yellow=True)
+        terminalreporter.write_line(f"{len(_skipped_browser_tests)} browser test(s) did NOT run: {SKIP_ENV}=1 is set "
+                                    "and chromium is missing. The UI was not tested.", yellow=True)
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +98,26 @@ def images(tmp_path) -> Path:
     folder = tmp_path / "dataset"
     write_images(folder)
     return folder
+
+
+def blocked_in_session(thread) -> bool:
+    """True while `thread` waits in `Studio.session` for the lock (its innermost Python frame is that method).
+
+    Lets a test hold the lock and know, without a timing window, that another thread is waiting for it.
+    """
+    import sys
+
+    frame = sys._current_frames().get(thread.ident)
+    return frame is not None and frame.f_code.co_name == "session" and frame.f_code.co_filename.endswith("studio.py")
+
+
+def wait_until(condition, what: str, limit: float = 60.0) -> None:
+    """Poll `condition` every 10 ms; fail naming `what` after `limit` seconds."""
+    import threading
+
+    pause = threading.Event()
+    for _ in range(int(limit * 100)):
+        if condition():
+            return
+        pause.wait(0.01)
+    raise AssertionError(f"timed out waiting until {what}")

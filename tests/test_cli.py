@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tinv_ui import cli, formats
-from tinv_ui.config import GenerateConfig, TrainConfig, field_help
+from tinv_ui.config import Compile, GenerateConfig, TrainConfig, field_help
+from tinv_ui.errors import ConfigError
 from tinv_ui.embedding import Embedding
 from tinv_ui.events import Finished, Generated, Preview, Saved, Started, Step
 
@@ -104,6 +105,23 @@ def test_options_are_generated_from_the_configs():
     assert gen == GenerateConfig(prompt="x", save=False, cfg_scale=5.0)
     create = parser.parse_args(["create", "--name", "n", "--format", "safetensors", "--overwrite"])
     assert create.file_format == "safetensors" and create.overwrite is True
+
+
+def test_compile_is_one_type_and_a_bare_flag_still_means_on():
+    parser = cli.build_parser()
+
+    def generate(*extra):
+        return cli.config_from_args(GenerateConfig, parser.parse_args(["generate", "--prompt", "x", *extra])).compile
+
+    def train(*extra):
+        args = parser.parse_args(["train", "--embedding", "e", "--dataset-dir", "d", *extra])
+        return cli.config_from_args(TrainConfig, args).compile
+
+    assert (generate(), generate("--compile"), generate("--compile", "auto")) == (Compile.OFF, Compile.ON, Compile.AUTO)
+    assert (train(), train("--compile", "off"), train("--compile")) == (Compile.AUTO, Compile.OFF, Compile.ON)
+    assert GenerateConfig(compile=True).compile is Compile.ON  # the Generate panel's checkbox
+    with pytest.raises(ConfigError, match="compile is 'sometimes'; use auto, on or off"):
+        TrainConfig(embedding="e", dataset_dir="d", compile="sometimes")
 
 
 def test_global_options_work_before_and_after_the_command():

@@ -278,7 +278,7 @@ def test_damaged_optim_is_ignored(tmp_path):
     assert formats.read_optim(path, emb) is None
 
 
-# -- image codec (A1111 §4.3-4.5) -------------------------------------------------------------------------
+# -- image codec (A1111 `modules/textual_inversion/image_embedding.py`) ----------------------------------------
 def test_lcg_matches_a1111_reference():
     stream = image_embedding.lcg_stream(100_100)
     assert stream[:20].tolist() == [

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import blocked_in_session, wait_until
 from PIL import Image
 
 from tinv_ui import generation
@@ -270,21 +270,33 @@ def test_generate_picks_up_new_embedding_files_without_restart(studio, paths):
 
 
 def test_generate_waits_for_the_lock_instead_of_failing(studio, paths):
-    holding = threading.Event()
+    """A request arriving while a training step holds the lock blocks on it, then renders holding it itself."""
+    release, order, results = threading.Event(), [], []
 
     def hold_like_a_training_step() -> None:
         with studio.session(what="training step"):
-            holding.set()
-            time.sleep(0.5)
+            release.wait(60)
+            order.append("released")
 
-    t = threading.Thread(target=hold_like_a_training_step)
-    t.start()
-    holding.wait()
-    t0 = time.perf_counter()
-    events = list(generation.generate(studio, BASE, make_library(paths), paths))
-    t.join()
-    assert time.perf_counter() - t0 >= 0.3
-    assert isinstance(events[-1], Generated)
+    def request() -> None:
+        results.extend(generation.generate(studio, BASE, make_library(paths), paths))
+
+    holder = threading.Thread(target=hold_like_a_training_step)
+    holder.start()
+    wait_until(lambda: studio.busy_with == "training step", "the step holds the lock")
+    hook = studio.pipeline.unet.register_forward_pre_hook(lambda module, args: order.append(studio.busy_with))
+    try:
+        requester = threading.Thread(target=request)
+        requester.start()
+        wait_until(lambda: blocked_in_session(requester), "the request waits in Studio.session")
+        assert order == []  # no UNet pass while the step holds the lock
+        release.set()
+        holder.join(60)
+        requester.join(60)
+    finally:
+        hook.remove()
+    assert order[0] == "released" and order[1:] and set(order[1:]) == {"generating"}
+    assert isinstance(results[-1], Generated)
 
 
 def test_closing_generate_midway_releases_the_lock(studio, paths):

@@ -1,8 +1,11 @@
 """Background training jobs: snapshot, one run at a time, stop, failures, Generate between training steps."""
 
+import threading
 import time
 
 import pytest
+from conftest import blocked_in_session, wait_until
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tinv_ui import formats
 from tinv_ui.config import CreateConfig, GenerateConfig, TrainConfig
@@ -48,7 +51,7 @@ def test_a_job_runs_to_the_end_and_its_snapshot_tells_everything(runner, images,
     assert [p.name for p in snap.previews] == [f"{NAME}-2.png", f"{NAME}-4.png"]
     assert snap.last_saved == paths.embeddings_dir / f"{NAME}.pt" and snap.eta == 0
     assert snap.message == f"Training finished at step 4; saved to {snap.last_saved}"
-    assert snap.log_dir is not None and snap.log_dir.is_dir() and snap.lr == 0.01
+    assert snap.log_dir is not None and snap.log_dir.is_dir()
     assert runner.current is job and not job.running
     assert formats.read(snap.last_saved).step == 4
 
@@ -69,18 +72,26 @@ def test_a_second_start_is_refused_and_stop_saves(runner, images, paths):
 
 
 def test_generation_takes_the_lock_between_training_steps(runner, images, studio):
-    job = runner.start(config(images, max_steps=100_000, preview_every=0, save_every=0))
-    wait_for(lambda: job.snapshot().step >= 2)
-    with studio.session(timeout=30, what="generate"):  # served between two steps, not after the run
-        held_at = job.snapshot().step
-        images_out = render(studio, GenerateConfig(prompt=f"a {NAME}", steps=2, width=64, height=64, seed=1), {})
-        time.sleep(0.3)
-        assert job.snapshot().step - held_at <= 1  # the trainer waits for us (at most the step it was in)
-        assert job.snapshot().status == "running"
+    # What AdamW is about to apply, step by step, and who holds the lock at that moment.
+    steps = []
+    hook = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: steps.append(studio.busy_with))
+    try:
+        job = runner.start(config(images, max_steps=100_000, preview_every=0, save_every=0))
+        trainer = next(t for t in threading.enumerate() if t.name == f"tinv-train-{NAME}")
+        wait_for(lambda: len(steps) >= 2)
+        with studio.session(timeout=30, what="generate"):  # served between two steps, not after the run
+            held_at = len(steps)
+            wait_until(lambda: blocked_in_session(trainer), "the trainer waits for the lock")
+            images_out = render(studio, GenerateConfig(prompt=f"a {NAME}", steps=2, width=64, height=64, seed=1), {})
+            assert len(steps) == held_at  # the trainer does no step while we hold the lock
+            assert job.snapshot().status == "running"
+        wait_for(lambda: len(steps) > held_at)  # and it goes on afterwards
+        job.stop()
+        assert job.wait(60) and job.snapshot().status == "interrupted"
+    finally:
+        hook.remove()
     assert images_out[0].image.size == (64, 64)
-    wait_for(lambda: job.snapshot().step > held_at + 1)  # and it goes on afterwards
-    job.stop()
-    assert job.wait(60) and job.snapshot().status == "interrupted"
+    assert all(holder.startswith(f"training {NAME} (step ") for holder in steps)  # each step holds the lock
 
 
 def test_failures_are_captured_in_the_snapshot(runner, images, tmp_path):

@@ -1,4 +1,4 @@
-"""Schedule syntax: A1111's table (spec §2.3) exactly, plus our 'last rate continues' rule."""
+"""Schedule syntax: A1111's `learn_schedule.py` exactly, plus our 'last rate continues' rule."""
 
 import pytest
 
@@ -9,7 +9,7 @@ from tinv_ui.schedules import parse_schedule
 @pytest.mark.parametrize(
     "text, initial, expected",
     [
-        # the verified examples of spec §2.3 (max_steps = 3000)
+        # examples checked against A1111's `LearnRateScheduler` (max_steps = 3000)
         ("0.005", 0, [(0.005, 3000)]),
         ("0.005:100, 1e-3:1000, 1e-5", 0, [(0.005, 100), (0.001, 1000), (1e-5, 3000)]),
         ("0.005:100, 1e-3:1000, 1e-5", 500, [(0.001, 1000), (1e-5, 3000)]),

@@ -9,20 +9,20 @@ print one line to stderr and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import enum
 import json
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .config import CreateConfig, GenerateConfig, ModelSpec, Paths, TrainConfig, field_help, field_range
+from .config import (Compile, CreateConfig, FieldSpec, GenerateConfig, ModelSpec, Paths, TrainConfig, field_help,
+                     field_range, field_spec)
 from .errors import TinvError
-from .events import Finished, Generated, Preview, Saved, Started, Step
+from .events import Finished, Generated, Preview, Saved, Started, Step, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -36,37 +36,28 @@ def _out(line: str) -> None:
 
 
 # -- options from dataclasses ----------------------------------------------------------------------------
-def _default(f) -> Any:
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return None
-
-
-def _help(cls: type, f, default: Any) -> str:
-    text = field_help(cls, f.name)
-    lo, hi = field_range(cls, f.name)
+def _help(cls: type, spec: FieldSpec) -> str:
+    text = field_help(cls, spec.name)
+    lo, hi = field_range(cls, spec.name)
     if lo is not None or hi is not None:
         text += f" Range {lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}."
-    shown = default.value if isinstance(default, enum.Enum) else default
-    return f"{text} (default: {shown!r})".replace("%", "%%")
+    return f"{text} (default: {spec.shown_default!r})".replace("%", "%%")
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--field-name` option per dataclass field, typed from its default, help from its metadata."""
     for f in fields(cls):
-        default = _default(f)
+        spec = field_spec(cls, f.name)
         flags = [f"--{f.name.replace('_', '-')}", *OPTION_ALIASES.get(f.name, ())]
-        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": _help(cls, f, default)}
-        if isinstance(default, bool):
-            kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
-        elif isinstance(default, enum.Enum):
-            kw.update(type=str, choices=[e.value for e in type(default)], default=default.value)
-        elif isinstance(default, (int, float)):
-            kw["type"] = type(default)
-        else:  # str, or None: then the annotation ("int | None") says what to parse
-            kw["type"] = {"int": int, "float": float}.get(str(f.type).split("|")[0].strip(), str)
+        kw: dict[str, Any] = {"dest": f.name, "default": spec.shown_default, "help": _help(cls, spec)}
+        if spec.kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction if spec.default else "store_true"
+        elif spec.kind == "choice":
+            kw.update(type=str, choices=list(spec.choices))
+            if isinstance(spec.default, Compile):  # a bare `--compile` still means on
+                kw.update(nargs="?", const=Compile.ON.value)
+        else:
+            kw["type"] = {"int": int, "float": float}.get(spec.kind, str)
         parser.add_argument(*flags, **kw)
 
 
@@ -117,19 +108,13 @@ def _library(args: argparse.Namespace, studio=None, width: int | None = None, to
 
     library = EmbeddingLibrary(args.embeddings_dir)
     if studio is not None:
-        width, tokenizer = studio.embedding_width, studio.tokenizer
-    library.refresh(expected_width=width, tokenizer=tokenizer)
+        library.rescan_for(studio)
+    else:  # `embeddings --width N` without a model: check against the width asked for
+        library.refresh(expected_width=width, tokenizer=tokenizer)
     return library
 
 
 # -- event printing -------------------------------------------------------------------------------------------
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "?"
-    value = int(round(value))
-    return f"{value // 3600}:{value // 60 % 60:02d}:{value % 60:02d}" if value >= 3600 else f"{value // 60}:{value % 60:02d}"
-
-
 def format_event(event: Any) -> list[str]:
     """The lines the CLI prints for one event."""
     match event:
@@ -140,7 +125,7 @@ def format_event(event: Any) -> list[str]:
             return lines + ([event.message] if event.message else [])
         case Step():
             extra = "".join(f" {k}={v:.6g}" for k, v in (("loss", event.loss), ("lr", event.lr)) if v is not None)
-            return [f"step {event.step}/{event.total}{extra} elapsed {_seconds(event.elapsed)} eta {_seconds(event.eta)}"]
+            return [f"step {event.step}/{event.total}{extra} elapsed {format_duration(event.elapsed)} eta {format_duration(event.eta)}"]
         case Preview():
             where = ", ".join(str(p) for p in event.paths) or f"{len(event.images)} images (not saved)"
             return [f"preview at step {event.step}: {where}"]

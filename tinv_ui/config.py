@@ -8,7 +8,7 @@ its `info=` and slider ranges from it, so a range lives in exactly one place. `_
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,36 @@ def knob(default: Any, help: str, min: float | None = None, max: float | None = 
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What the CLI and the UI form need to offer one config field: its default and kind (help: `field_help`)."""
+
+    name: str
+    default: Any
+    kind: str  # "bool", "choice" (an Enum: `choices` are its values), "int", "float" or "text"
+    choices: tuple[str, ...] = ()
+
+    @property
+    def shown_default(self) -> Any:
+        """The default as a widget or an option shows it (an Enum's value)."""
+        return self.default.value if isinstance(self.default, enum.Enum) else self.default
+
+
+def field_spec(cls: type, name: str) -> FieldSpec:
+    """The default and kind of field `name` of config class `cls` (the one place both front ends read them)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    default = f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else None
+    if isinstance(default, bool):
+        return FieldSpec(name, default, "bool")
+    if isinstance(default, enum.Enum):
+        return FieldSpec(name, default, "choice", tuple(e.value for e in type(default)))
+    if isinstance(default, (int, float)):
+        return FieldSpec(name, default, type(default).__name__)
+    # str, or None: then the annotation ("int | None") says what to parse
+    kind = {"int": "int", "float": "float"}.get(str(f.type).split("|")[0].strip(), "text")
+    return FieldSpec(name, default, kind)
 
 
 def field_help(cls: type, name: str) -> str:
@@ -56,12 +86,50 @@ class LatentSampling(str, enum.Enum):
     RANDOM = "random"  # a fresh sample every time the image is used
 
 
+class Compile(str, enum.Enum):
+    """torch.compile of the UNet, for training and generation alike."""
+
+    AUTO = "auto"  # training: when the run is long enough to pay off; generation: on a CUDA device
+    ON = "on"
+    OFF = "off"
+
+    @classmethod
+    def of(cls, value: Any) -> "Compile":
+        """A `Compile` from its value, or from a checkbox's bool (True: on, False: off)."""
+        if isinstance(value, bool):
+            return cls.ON if value else cls.OFF
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"compile is {value!r}; use auto, on or off.") from None
+
+
 class EmbeddingFileFormat(str, enum.Enum):
     A1111_PT = "pt"  # A1111 dict with string_to_param (the default; every peer reads it)
     SAFETENSORS = "safetensors"  # {"emb_params": [n, d]} (kohya / A1111 / ComfyUI / InvokeAI)
 
 
-SAMPLERS = ("Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC", "Heun", "LMS")
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How an A1111 sampler name is drawn: a diffusers scheduler class, its extra config, A1111's "Schedule type"."""
+
+    scheduler: str  # diffusers class name, built from the model's own scheduler config
+    options: dict[str, Any]
+    schedule_type: str  # the infotext's "Schedule type"
+
+
+# The one sampler table: the UI lists, the config checks and generation builds from it.
+SAMPLER_TABLE: dict[str, SamplerSpec] = {
+    "Euler a": SamplerSpec("EulerAncestralDiscreteScheduler", {}, "Automatic"),
+    "Euler": SamplerSpec("EulerDiscreteScheduler", {}, "Automatic"),
+    "DPM++ 2M": SamplerSpec("DPMSolverMultistepScheduler", {}, "Automatic"),
+    "DPM++ 2M Karras": SamplerSpec("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "Karras"),
+    "DDIM": SamplerSpec("DDIMScheduler", {"clip_sample": False}, "Automatic"),  # SD never clips x0
+    "UniPC": SamplerSpec("UniPCMultistepScheduler", {}, "Automatic"),
+    "Heun": SamplerSpec("HeunDiscreteScheduler", {}, "Automatic"),
+    "LMS": SamplerSpec("LMSDiscreteScheduler", {}, "Automatic"),
+}
+SAMPLERS = tuple(SAMPLER_TABLE)
 
 
 @dataclass(frozen=True)
@@ -129,7 +197,7 @@ class TrainConfig:
     save_optimizer_state: bool = knob(True, "Write an A1111 .optim sidecar so a resumed run keeps its AdamW state.")
     write_csv_every: int = knob(1, "Append to the loss CSV every N steps; 0 disables.", 0, 10_000_000)
     gradient_checkpointing: bool = knob(False, "Trade speed for memory on small GPUs.")
-    compile: str = knob("auto", "torch.compile the UNet: auto (when the run is long enough to pay off), on, off.")
+    compile: Compile = knob(Compile.AUTO, "torch.compile the UNet: auto (when the run is long enough to pay off), on, off.")
     xformers: bool = knob(False, "Use xformers attention if installed (SDPA is used otherwise).")
     log_dir: str = knob("", "Run logs folder; default <outputs>/train.")
 
@@ -146,8 +214,7 @@ class TrainConfig:
         for name in ("width", "height"):
             if getattr(self, name) % 8:
                 raise ConfigError(f"{name} is {getattr(self, name)}; it must be a multiple of 8.")
-        if self.compile not in ("auto", "on", "off"):
-            raise ConfigError(f"compile is {self.compile!r}; use auto, on or off.")
+        object.__setattr__(self, "compile", Compile.of(self.compile))
         if self.preview_sampler not in SAMPLERS:
             raise ConfigError(f"preview_sampler {self.preview_sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
 
@@ -168,11 +235,13 @@ class GenerateConfig:
     batch_size: int = knob(1, "Images per batch.", 1, 16)
     clip_skip: int = knob(1, "Use the output of the n-th last text-encoder layer (1 = last).", 1, 12)
     save: bool = knob(True, "Save PNGs with infotext to outputs/txt2img.")
-    compile: bool = knob(False, "torch.compile the UNet: the first image of each size and batch size waits for "
-                                "the compile (about a minute on a GPU), later ones are faster (about 2.5x for SD 1.5 on a big GPU).")
+    compile: Compile = knob(Compile.OFF, "torch.compile the UNet (on, off, or auto: on a CUDA device): the first image "
+                            "of each size and batch size waits for the compile (about a minute on a GPU), later ones "
+                            "are faster (about 2.5x for SD 1.5 on a big GPU).")
 
     def __post_init__(self) -> None:
         _check_ranges(self)
+        object.__setattr__(self, "compile", Compile.of(self.compile))
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
         for name in ("width", "height"):

@@ -1,4 +1,5 @@
-"""Create a new embedding file from initializer text (A1111 spec §1).
+"""Create a new embedding file from initializer text (A1111's `create_embedding` in
+`modules/textual_inversion/textual_inversion.py`).
 
 Vector i of n copies token row floor(i*T/n) of the initializer's T tokens (the text tokenized without
 BOS/EOS and truncated to n): fewer tokens than vectors repeat in order (t0,t0,t1,t1), more are cut.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +18,9 @@ from . import formats
 from .config import CreateConfig, EmbeddingFileFormat
 from .embedding import Embedding, sanitize_name
 from .errors import ConfigError, InvalidNameError
+
+if TYPE_CHECKING:
+    from .studio import Studio
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +30,7 @@ MAX_FILENAME_BYTES = 200
 
 
 # Text-encoder widths whose A1111 tokenizer is OpenCLIP (SD 2.x): there the initializer is not truncated,
-# its tokens are subsampled evenly instead (spec a1111-textual-inversion.md §1, step 2).
+# its tokens are subsampled evenly instead (A1111 `create_embedding` in `modules/textual_inversion/textual_inversion.py`).
 OPENCLIP_WIDTHS = frozenset({1024})
 
 
@@ -87,7 +92,7 @@ def _check_existing(path: Path, overwrite: bool) -> None:
         )
 
 
-def create_embedding(studio, cfg: CreateConfig, embeddings_dir: str | Path) -> Path:
+def create_embedding(studio: Studio, cfg: CreateConfig, embeddings_dir: str | Path) -> Path:
     """Create `<embeddings_dir>/<name>.pt|.safetensors` with step 0 and return its path."""
     path = check_target(cfg, embeddings_dir)
     name = path.stem

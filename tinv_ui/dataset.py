@@ -1,6 +1,6 @@
 """Training images: listing, decoding, captions, size buckets, the latent cache and the batch sampler.
 
-Follows A1111's dataset (spec §3) with its quirks fixed:
+Follows A1111's dataset (`modules/textual_inversion/dataset.py`, `PersonalizedBase`) with its quirks fixed:
 - the folder is listed non-recursively and every file is tried with Pillow (no extension list); files that
   are not usable are reported with a reason instead of being skipped silently;
 - EXIF orientation is applied; palette/RGB images with transparency become RGBA; the alpha channel is kept
@@ -24,7 +24,7 @@ import random
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 MAX_PIXELS = 8192 * 8192  # 64 MP: larger images are refused before decoding (or drafted smaller, for JPEG)
 MIN_KEEP_SIZE = 64  # with keep_size, smaller images cannot go through the UNet's downsampling
+# Training-image files by suffix: what an upload keeps. (A dataset folder tries every file with PIL, and says
+# why one is not an image; `formats.IMAGE_EMBEDDING_SUFFIXES` are embeddings stored in pictures, another thing.)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+CAPTION_SUFFIX = ".txt"  # `IMAGE.txt` beside an image holds its caption
 _LEADING_NUMBERS = re.compile(r"^[-\d]+\s*")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -96,12 +100,13 @@ def compile_filename_regex(pattern: str) -> re.Pattern | None:
 
 
 def caption_for(path: Path, regex: re.Pattern | None = None, join: str = " ") -> str:
-    """The caption of an image: its `.txt` sidecar (stripped), else its file name (spec §3.2).
+    """The caption of an image: its `.txt` sidecar (stripped), else its file name (as A1111's
+    `PersonalizedBase.__init__` in `modules/textual_inversion/dataset.py`).
 
     For file names a leading run of digits/dashes is removed (`000001-1-a man.png` -> "a man"); with a regex,
     only its matches (whole matches, also when the pattern has groups) are kept, joined with `join`.
     """
-    for suffix in (".txt", ".TXT"):
+    for suffix in (CAPTION_SUFFIX, CAPTION_SUFFIX.upper()):
         sidecar = path.with_suffix(suffix)
         if sidecar.is_file():
             try:
@@ -180,12 +185,12 @@ def load_image(path: Path, train_size: tuple[int, int] | None, keep_alpha: bool)
 def _candidates(folder: Path) -> tuple[list[Path], list[str]]:
     """Files worth trying, and skip reasons for the rest. `.txt` sidecars of other files are captions."""
     entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name.lower())
-    stems = {p.with_suffix("") for p in entries if p.is_file() and p.suffix.lower() != ".txt"}
+    stems = {p.with_suffix("") for p in entries if p.is_file() and p.suffix.lower() != CAPTION_SUFFIX}
     files, skipped = [], []
     for p in entries:
         if p.is_dir():
             skipped.append(f"{p.name}: a folder (subfolders are not read)")
-        elif p.suffix.lower() == ".txt" and p.with_suffix("") in stems:
+        elif p.suffix.lower() == CAPTION_SUFFIX and p.with_suffix("") in stems:
             continue  # a caption sidecar
         elif p.is_file():
             files.append(p)
@@ -259,7 +264,6 @@ class LatentCache:
     std: list[torch.Tensor] | None = None
     weight: list[torch.Tensor] | None = None
     flips: bool = False
-    sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def batch(self, indices: Sequence[int], flipped: Sequence[bool], generator: torch.Generator | None = None):
         """Latents [B, 4, h, w] (float32) and weights [B, 1, h, w] (or None) for one micro-batch."""
@@ -302,15 +306,15 @@ def build_latent_cache(
             w = alpha_weight(item.alpha, (item.size[0] // factor, item.size[1] // factor)).to(device)
             weights.append(torch.stack([w, w.flip(-1)]) if flips else w[None])
     random_sampling = sampling == LatentSampling.RANDOM
-    return LatentCache(means, stds if random_sampling else None, weights if use_alpha else None, flips,
-                       [item.size for item in dataset.images])
+    return LatentCache(means, stds if random_sampling else None, weights if use_alpha else None, flips)
 
 
 # -- batches -------------------------------------------------------------------------------------------------
 
 
 class BucketBatchSampler:
-    """Endless stream of micro-batches of image indices, each batch from one size bucket (spec §3.4).
+    """Endless stream of micro-batches of image indices, each batch from one size bucket (A1111's
+    `GroupedBatchSampler` in `modules/textual_inversion/dataset.py`).
 
     Per epoch (`N // batch_size` batches): each bucket gives its full batches from its shuffled members; the
     remaining batches come from buckets drawn in proportion to their leftovers, members drawn with replacement

@@ -25,10 +25,6 @@ class ShapeMismatchError(TinvError):
     """An embedding's width does not fit the loaded model's text encoder."""
 
 
-class TokenCollisionError(TinvError):
-    """Two embeddings (or an embedding and a word) compete for the same prompt word."""
-
-
 class InvalidNameError(TinvError):
     """An embedding or file name is unsafe or already taken."""
 

@@ -75,3 +75,13 @@ class Generated:
 
 
 Event = Started | Step | Preview | Saved | Finished | Generated
+
+
+def format_duration(seconds: float | None) -> str:
+    """A `Step`'s elapsed time or ETA as a clock: 1234.5 -> '20:34', 4000 -> '1:06:40'; None -> '?'."""
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

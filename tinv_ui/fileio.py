@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temp file in the same folder, fsync, then rename over the target.
+"""Atomic file writes (write to a temp file in the same folder, fsync, then rename over the target), and a file's sha256.
 
 A crash, an interrupt or a full disk during a write leaves the old file intact (or no file), never a
 half-written one.
@@ -7,6 +7,7 @@ half-written one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import tempfile
@@ -51,9 +52,14 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
     return Path(path)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda p: p.write_bytes(data))
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, as hex, read in 1 MiB blocks (checkpoints are gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

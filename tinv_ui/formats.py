@@ -1,4 +1,5 @@
-"""Read and write embedding files in every layout the TI ecosystem uses (A1111 spec §4, peers §8).
+"""Read and write embedding files in every layout the TI ecosystem uses: A1111 (`EmbeddingDatabase.load_from_file`
+in `modules/textual_inversion/textual_inversion.py`), diffusers' `load_textual_inversion`, kohya, ComfyUI, InvokeAI.
 
 Layouts we read (detected from the keys, not the file name; see `_from_dict`):
 - **a1111**: `.pt` dict with `string_to_param {"*": [n, d]}` plus name/step/sd_checkpoint metadata;
@@ -35,8 +36,8 @@ from .fileio import atomic_write
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pt", ".bin")
-IMAGE_SUFFIXES = (".png", ".webp")
-EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", *IMAGE_SUFFIXES)
+IMAGE_EMBEDDING_SUFFIXES = (".png", ".webp")
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", *IMAGE_EMBEDDING_SUFFIXES)
 LAYOUTS = ("a1111", "kohya", "diffusers", "sdxl", "image")
 A1111_TOKEN_ID = 265  # the constant A1111 writes under string_to_token; ignored on load
 META_KEYS = ("sd_checkpoint", "sd_checkpoint_name")  # kept verbatim on every round trip that can hold them
@@ -67,7 +68,7 @@ def read(path: str | Path) -> Embedding:
         raise EmbeddingFormatError(f"{path.name}: cannot be read ({e.strerror}).") from e
     if size == 0:
         raise EmbeddingFormatError(f"{path.name} is empty (0 bytes); delete it or copy the file again.")
-    if suffix in IMAGE_SUFFIXES:
+    if suffix in IMAGE_EMBEDDING_SUFFIXES:
         return _read_image(path)
     if suffix in PICKLE_SUFFIXES:
         data, file_meta = _load_pickle(path), {}
@@ -290,7 +291,7 @@ def layout_for(path: Path, embedding: Embedding) -> str:
     """The layout a file name implies: .pt A1111, .safetensors kohya (SDXL pair; diffusers files stay
     diffusers), .bin diffusers, .png/.webp image."""
     suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
+    if suffix in IMAGE_EMBEDDING_SUFFIXES:
         return "image"
     if embedding.is_sdxl:
         return "sdxl"
@@ -336,9 +337,9 @@ def _check_writable(embedding: Embedding, layout: str, path: Path) -> None:
                                    "layout 'sdxl' (.safetensors or .pt).")
     if not embedding.is_sdxl and layout == "sdxl":
         raise EmbeddingFormatError(f"{path.name}: layout 'sdxl' needs clip_l + clip_g parts; this embedding has one tensor.")
-    if (layout == "image") != (path.suffix.lower() in IMAGE_SUFFIXES):
+    if (layout == "image") != (path.suffix.lower() in IMAGE_EMBEDDING_SUFFIXES):
         raise EmbeddingFormatError(f"{path.name}: layout {layout!r} does not fit the suffix {path.suffix or '(none)'}; "
-                                   f"image embeddings are {' or '.join(IMAGE_SUFFIXES)} files and only they.")
+                                   f"image embeddings are {' or '.join(IMAGE_EMBEDDING_SUFFIXES)} files and only they.")
     if layout == "a1111" and path.suffix.lower() == ".safetensors":
         raise EmbeddingFormatError(f"{path.name}: the A1111 dict is a pickle; write it to a .pt file "
                                    "(or use layout 'kohya' for .safetensors).")
@@ -361,7 +362,7 @@ def _tensors_for(embedding: Embedding, layout: str, token: str | None) -> dict[s
 
 
 def a1111_dict(embedding: Embedding) -> dict[str, Any]:
-    """The A1111 `.pt` dict (spec §4.1); SDXL embeddings keep their clip_l/clip_g pair instead."""
+    """The A1111 `.pt` dict (`Embedding.save` in `modules/textual_inversion/textual_inversion.py`); SDXL embeddings keep their clip_l/clip_g pair instead."""
     base: dict[str, Any] = {"name": embedding.name, "step": embedding.step}
     base.update({k: embedding.meta.get(k) for k in META_KEYS})
     if embedding.is_sdxl:
@@ -384,7 +385,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, meta: dict[st
 
 
 # ----------------------------------------------------------------------------------------------------
-# Optimizer sidecar (A1111 §4.6)
+# Optimizer sidecar (A1111 `Embedding.save` writes `<file>.optim`)
 # ----------------------------------------------------------------------------------------------------
 def optim_path(embedding_path: str | Path) -> Path:
     """`<file>.optim` beside the embedding (A1111: `name.pt.optim`)."""

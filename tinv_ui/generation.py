@@ -4,7 +4,8 @@
   vectors it is training, the Generate tab through `generate`).
 - `generate` is the request-level workflow: rescan the embeddings folder, then per batch take the lock,
   render, save; it yields `Step` per denoising step and one `Generated` per batch.
-- `infotext` writes AUTOMATIC1111's "parameters" layout (spec §6) so A1111, civitai and PNG-info readers parse it.
+- `infotext` writes AUTOMATIC1111's "parameters" layout (`modules/processing.py`
+  `create_infotext`) so A1111, civitai and PNG-info readers parse it.
 
 Conditioning is computed here, never by diffusers: diffusers' `clip_skip` is broken with transformers 5 and
 knows nothing about A1111 prompt syntax. Each image gets its own `torch.Generator` seeded `seed + i`, so a
@@ -25,17 +26,21 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image, PngImagePlugin
 
 from . import __version__
-from .config import SAMPLERS, GenerateConfig, Paths
+from .config import SAMPLER_TABLE, SAMPLERS, Compile, GenerateConfig, Paths
 from .errors import ConfigError
 from .events import Generated, Step
 from .fileio import atomic_write
 from .tokens import PromptEncoder
+
+if TYPE_CHECKING:
+    from .library import EmbeddingLibrary
+    from .studio import Studio
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +57,19 @@ class Rendered:
     seed: int
 
 
-# Sampler name → (diffusers scheduler class name, extra config, A1111 "Schedule type").
-_SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}, "Automatic"),
-    "Euler": ("EulerDiscreteScheduler", {}, "Automatic"),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}, "Automatic"),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "Karras"),
-    "DDIM": ("DDIMScheduler", {"clip_sample": False}, "Automatic"),  # SD never clips x0
-    "UniPC": ("UniPCMultistepScheduler", {}, "Automatic"),
-    "Heun": ("HeunDiscreteScheduler", {}, "Automatic"),
-    "LMS": ("LMSDiscreteScheduler", {}, "Automatic"),
-}
-assert set(_SCHEDULERS) == set(SAMPLERS), "every sampler offered in config.SAMPLERS needs a scheduler here"
-
-
 def make_scheduler(sampler: str, base_config: Mapping[str, Any]):
     """A fresh diffusers scheduler for an A1111 sampler name, built from the model's scheduler config."""
-    if sampler not in _SCHEDULERS:
+    if sampler not in SAMPLER_TABLE:
         raise ConfigError(f"sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
     import diffusers
 
-    cls_name, extra, _ = _SCHEDULERS[sampler]
-    return getattr(diffusers, cls_name).from_config(dict(base_config), **extra)
+    spec = SAMPLER_TABLE[sampler]
+    return getattr(diffusers, spec.scheduler).from_config(dict(base_config), **spec.options)
+
+
+def compiles(cfg: GenerateConfig, device: torch.device) -> bool:
+    """Whether this request draws with the `torch.compile`d UNet (`compile` auto: on a CUDA device)."""
+    return cfg.compile == Compile.ON or (cfg.compile == Compile.AUTO and device.type == "cuda")
 
 
 def resolve_seed(seed: int) -> int:
@@ -111,7 +107,7 @@ def infotext(cfg: GenerateConfig, seed: int, model_name: str | None, model_hash:
     params: dict[str, Any] = {
         "Steps": cfg.steps,
         "Sampler": cfg.sampler.removesuffix(" Karras"),
-        "Schedule type": _SCHEDULERS[cfg.sampler][2],
+        "Schedule type": SAMPLER_TABLE[cfg.sampler].schedule_type,
         "CFG scale": _number(cfg.cfg_scale),
         "Seed": seed,
         "Size": f"{cfg.width}x{cfg.height}",
@@ -136,7 +132,7 @@ def save_png(image: Image.Image, path: str | Path, infotext: str) -> Path:
 
 
 # -- rendering --------------------------------------------------------------------------------------------
-def _conditioning(studio, cfg: GenerateConfig, vectors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _conditioning(studio: Studio, cfg: GenerateConfig, vectors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(cond, uncond, used names) for one batch, both padded to the same chunk count, in the UNet dtype."""
     encoder = PromptEncoder(studio.tokenizer, studio.text_encoder, vectors)
     n = cfg.batch_size
@@ -146,7 +142,7 @@ def _conditioning(studio, cfg: GenerateConfig, vectors: Mapping[str, torch.Tenso
     return cond[:n].to(unet_dtype), cond[n:].to(unet_dtype), used
 
 
-def _sampling_pipeline(studio, sampler: str, compiled: bool = False):
+def _sampling_pipeline(studio: Studio, sampler: str, compiled: bool = False):
     """A throw-away pipeline over the studio's modules with a fresh scheduler and no text encoder.
 
     `compiled` puts the studio's `torch.compile`d UNet in it (`Studio.compiled_unet`).
@@ -174,7 +170,7 @@ def _sampling_pipeline(studio, sampler: str, compiled: bool = False):
 
 
 def render(
-    studio,
+    studio: Studio,
     cfg: GenerateConfig,
     vectors: Mapping[str, torch.Tensor],
     hashes: Mapping[str, str] | None = None,
@@ -190,7 +186,7 @@ def render(
     device = studio.device
     with torch.no_grad():
         cond, uncond, used = _conditioning(studio, cfg, vectors)
-        pipe = _sampling_pipeline(studio, cfg.sampler, compiled=cfg.compile)
+        pipe = _sampling_pipeline(studio, cfg.sampler, compiled=compiles(cfg, device))
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         images = pipe(
             prompt_embeds=cond,
@@ -226,7 +222,7 @@ class _Cancelled(Exception):
     """Raised inside the denoising callback to stop a render whose consumer went away."""
 
 
-def _render_streaming(studio, cfg: GenerateConfig, vectors, hashes) -> Iterator[tuple[int, int] | list[Rendered]]:
+def _render_streaming(studio: Studio, cfg: GenerateConfig, vectors, hashes) -> Iterator[tuple[int, int] | list[Rendered]]:
     """Run `render` on a worker thread; yield (step, total) as steps finish, then the rendered list.
 
     The pipeline call blocks, so streaming its steps needs a thread. Closing this generator stops the
@@ -276,14 +272,14 @@ def next_image_path(folder: Path, seed: int) -> Path:
     return folder / f"{max(numbers, default=-1) + 1:05d}-{seed}.png"
 
 
-def generate(studio, cfg: GenerateConfig, library, paths: Paths) -> Iterator[Step | Generated]:
+def generate(studio: Studio, cfg: GenerateConfig, library: EmbeddingLibrary, paths: Paths) -> Iterator[Step | Generated]:
     """Run `cfg.batch_count` batches of `cfg.batch_size` images with the embeddings folder's embeddings.
 
     Yields `Step` per denoising step and one `Generated` per batch. The lock is taken per batch, so a
     running training interleaves (it takes the lock per optimizer step) instead of failing either side.
     """
     # 1. Rescan the embeddings folder: files dropped in since the last request are used without a restart.
-    library.refresh(expected_width=studio.embedding_width, tokenizer=studio.tokenizer)
+    library.rescan_for(studio)
     vectors, hashes = library.vectors(), library.hashes()
     base_seed = resolve_seed(cfg.seed)
     total = cfg.batch_count * cfg.steps

@@ -1,4 +1,4 @@
-"""A1111's image embeddings (spec §4.3-4.5): the embedding dict carried inside a PNG/WebP.
+"""A1111's image embeddings (`modules/textual_inversion/image_embedding.py`): the embedding dict carried inside a PNG/WebP.
 
 Two carriers, both written, so a file survives tools that strip text chunks:
 - a PNG `tEXt` chunk `sd-ti-embedding` = base64(JSON) where tensors are `{"TORCHTENSOR": [[...]]}`;
@@ -33,7 +33,7 @@ class ImageDataError(ValueError):
     """Embedding data was found in an image but cannot be decoded."""
 
 
-# -- §4.3 JSON with tensors --------------------------------------------------------------------------
+# -- JSON with tensors (A1111's {"TORCHTENSOR": [...]} encoding) ----------------------------------------------
 def _encode_default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return {TENSOR_KEY: obj.detach().cpu().tolist()}
@@ -69,7 +69,7 @@ def from_b64(text: str | bytes) -> dict:
         raise ImageDataError(f"the {TEXT_KEY} text chunk is not valid base64 JSON ({e})") from e
 
 
-# -- §4.5 pixel codec --------------------------------------------------------------------------------
+# -- pixel codec (the picture A1111 draws around the data) ----------------------------------------------------
 _LCG_A, _LCG_C, _LCG_MASK = 1664525, 1013904223, 0xFFFFFFFF
 _LCG_BLOCK = 4096
 

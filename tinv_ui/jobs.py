@@ -7,16 +7,22 @@ lock is still taken per optimizer step inside `train`, so Generate requests are 
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Paths, TrainConfig
 from .errors import BusyError, TinvError
 from .events import Finished, Preview, Saved, Started, Step
 from .training import train
+
+if TYPE_CHECKING:
+    from .library import EmbeddingLibrary
+    from .studio import Studio
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +30,20 @@ MAX_LOSSES = 10_000  # newest (step, loss) points kept for the loss chart
 MAX_PREVIEWS = 64  # newest preview image paths kept
 
 
+class JobStatus(str, enum.Enum):
+    """Where a job stands; the value is also the UI progress bar's colour class (`tinv-<value>`)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+
+
 @dataclass(frozen=True)
 class JobSnapshot:
     """A consistent copy of a job's progress, safe to read from any thread."""
 
-    status: str  # "running" | "finished" | "interrupted" | "failed"
+    status: JobStatus
     name: str
     step: int
     total: int
@@ -38,23 +53,22 @@ class JobSnapshot:
     last_saved: Path | None
     message: str
     log_dir: Path | None
-    lr: float | None = None
-    elapsed: float = 0.0
-    initial_step: int = 0
-    last_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", JobStatus(self.status))
 
 
 class TrainingJob:
     """One training run on a daemon thread. Use `TrainingRunner.start` to create it."""
 
-    def __init__(self, studio, cfg: TrainConfig, library, paths: Paths) -> None:
+    def __init__(self, studio: Studio, cfg: TrainConfig, library: EmbeddingLibrary, paths: Paths) -> None:
         self.cfg = cfg
         self._args = (studio, cfg, library, paths)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._losses: deque[tuple[int, float]] = deque(maxlen=MAX_LOSSES)
         self._previews: deque[Path] = deque(maxlen=MAX_PREVIEWS)
-        self._snap = JobSnapshot("running", cfg.embedding, 0, cfg.max_steps, None, [], [], None,
+        self._snap = JobSnapshot(JobStatus.RUNNING, cfg.embedding, 0, cfg.max_steps, None, [], [], None,
                                  "Preparing (checks, dataset, latents)...", None)
         self._thread = threading.Thread(target=self._run, name=f"tinv-train-{cfg.embedding}", daemon=True)
 
@@ -69,32 +83,30 @@ class TrainingJob:
             for event in events:
                 self._apply(event)
         except TinvError as e:
-            self._update(status="failed", message=str(e))
+            self._update(status=JobStatus.FAILED, message=str(e))
         except Exception as e:  # a bug: keep the traceback in the log and show something readable
             log.exception("training %s failed", self.cfg.embedding)
-            self._update(status="failed", message=f"Training failed with an unexpected error: {type(e).__name__}: {e}")
+            self._update(status=JobStatus.FAILED, message=f"Training failed with an unexpected error: {type(e).__name__}: {e}")
         finally:
             events.close()
-            if self.snapshot().status == "running":  # ended without Finished or an error: never leave "running"
-                self._update(status="failed", message="Training ended without finishing; see the log.")
+            if self.snapshot().status == JobStatus.RUNNING:  # ended without Finished or an error: never leave it running
+                self._update(status=JobStatus.FAILED, message="Training ended without finishing; see the log.")
 
     def _apply(self, event) -> None:
         match event:
             case Started():
-                self._update(name=event.name, step=event.initial_step, initial_step=event.initial_step,
-                             total=event.total_steps, log_dir=event.log_dir, message=event.message)
+                self._update(name=event.name, step=event.initial_step, total=event.total_steps, log_dir=event.log_dir, message=event.message)
             case Step():
                 with self._lock:
                     self._losses.append((event.step, float(event.loss)))
-                self._update(step=event.step, eta=event.eta, lr=event.lr, elapsed=event.elapsed)
+                self._update(step=event.step, eta=event.eta)
             case Preview():
                 with self._lock:
                     self._previews.extend(event.paths)
-                self._update(last_prompt=event.prompt)
             case Saved():
                 self._update(last_saved=event.path)
             case Finished():
-                status = "interrupted" if event.interrupted else "finished"
+                status = JobStatus.INTERRUPTED if event.interrupted else JobStatus.FINISHED
                 self._update(status=status, step=event.step, eta=0.0, message=event.message,
                              last_saved=event.path or self._snap.last_saved)
 
@@ -110,7 +122,7 @@ class TrainingJob:
     @property
     def running(self) -> bool:
         """True until the thread has ended."""
-        return self._thread.is_alive() or self._snap.status == "running"
+        return self._thread.is_alive() or self._snap.status == JobStatus.RUNNING
 
     def stop(self) -> None:
         """Ask the run to stop after the current step; it saves the embedding and finishes as "interrupted"."""
@@ -126,8 +138,8 @@ class TrainingJob:
 class TrainingRunner:
     """Owns the one training slot of an app: at most one run at a time."""
 
-    studio: object
-    library: object
+    studio: Studio
+    library: EmbeddingLibrary
     paths: Paths
     _current: TrainingJob | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -1,6 +1,6 @@
 """The embeddings folder as a library: what is loaded, what was skipped and why, and name clashes.
 
-Compared with A1111's `EmbeddingDatabase` (spec §5.1-5.5), on purpose:
+Compared with A1111's `EmbeddingDatabase` (`modules/textual_inversion/textual_inversion.py`), on purpose:
 - a rescan happens when any candidate file's (relative path, size, mtime_ns, inode) changed, so adding,
   deleting, overwriting in place and changes in subfolders are all seen (A1111 watches only the
   folder's own mtime and misses the last two);
@@ -14,20 +14,23 @@ Compared with A1111's `EmbeddingDatabase` (spec §5.1-5.5), on purpose:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import formats
 from .embedding import Embedding
 from .errors import EmbeddingFormatError, TinvError
+from .fileio import file_sha256
+
+if TYPE_CHECKING:
+    from .studio import Studio
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +78,6 @@ def width_label(width: int) -> str:
     return f"{width} ({family})" if family else str(width)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _is_candidate(name: str) -> bool:
     lower = name.lower()
     if name.startswith("."):  # hidden files, and our atomic temp files `.<name>.XXXX.tmp`
@@ -128,6 +123,16 @@ class EmbeddingLibrary:
             self._signature = signature
             return True
 
+    def rescan_for(self, studio: Studio, force: bool = False) -> bool:
+        """`refresh` for the studio's loaded model: its vector width and tokenizer (no model: no width check).
+
+        Every caller (generation, training, the UI, the CLI) passes the same pair, so none forces a rebuild
+        on another's behalf.
+        """
+        if not studio.loaded:
+            return self.refresh(force=force)
+        return self.refresh(expected_width=studio.embedding_width, tokenizer=studio.tokenizer, force=force)
+
     def _candidates(self) -> list[_StatKey]:
         """Every candidate file with its stat key, sorted: the cheap change signature."""
         out: list[_StatKey] = []
@@ -161,7 +166,7 @@ class EmbeddingLibrary:
         path = self.folder / key[0]
         try:
             emb = formats.read(path)
-            parsed = _Parsed(emb, sha256=_sha256(path))
+            parsed = _Parsed(emb, sha256=file_sha256(path))
         except formats.NotAnEmbeddingImage:
             parsed = _Parsed(None)  # an ordinary picture: not listed anywhere, like A1111
         except EmbeddingFormatError as e:

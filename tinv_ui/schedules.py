@@ -1,6 +1,6 @@
 """Learning-rate (and clip-value) schedules in AUTOMATIC1111's syntax: `0.005:100, 1e-3:1000, 1e-5`.
 
-Meaning, as in A1111's `learn_schedule.py` (spec §2.3):
+Meaning, as in A1111's `modules/textual_inversion/learn_schedule.py`:
 - a comma-separated list of `rate:step` pairs; "use `rate` until the optimizer step count reaches `step`";
 - a bare `rate`, or `step == -1`, means "until max_steps" and ends the list (later entries are ignored);
 - pairs whose step is at or below the current (resumed) step are skipped;

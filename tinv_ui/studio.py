@@ -3,7 +3,7 @@
 Training and generation are functions that take a studio; the studio holds no training or sampling
 logic. There are no module-level model globals: the app, the CLI and each test create their own studio.
 
-Lock rules (architecture-anchors §11.4, decisions §12):
+Lock rules (docs/design.md, "The lock"):
 - one plain `threading.Lock` (not an RLock: a generator holding it may be resumed on another thread);
 - the trainer takes it per optimizer step, so a generation request waits at most one step;
 - `session()` blocks by default; `session(timeout=0)` raises `BusyError` saying who holds it.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import logging
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 from .config import ModelSpec, Paths
 from .errors import BusyError, ModelLoadError
+from .fileio import file_sha256
 from .tiny_model import TINY_LABEL, TINY_RESOLUTION, tiny_model_dir
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,6 @@ def pick_device_dtype(spec: ModelSpec) -> tuple[Any, Any]:
     else:
         dtype = torch.float32
     return device, dtype
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Studio:

@@ -1,6 +1,6 @@
 """Prompt templates: text files of prompt lines with `[name]` (the embedding) and `[filewords]` (the caption).
 
-Prompt construction follows A1111 (spec §3.3): pick a random line; split the caption on `,` (tags are not
+Prompt construction follows A1111 (`PersonalizedBase.create_text` in `modules/textual_inversion/dataset.py`): pick a random line; split the caption on `,` (tags are not
 trimmed); drop each tag with probability `tag_dropout`; optionally shuffle; replace `[filewords]` with the
 tags joined by `,`; THEN replace `[name]` (so a literal `[name]` inside a caption is substituted too).
 

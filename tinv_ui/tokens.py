@@ -1,6 +1,7 @@
 """Prompts → text-encoder conditioning, with embeddings spliced into the token lookup (A1111 semantics).
 
-How an embedding gets into a prompt, exactly as AUTOMATIC1111 does it (spec §5.6-5.8):
+How an embedding gets into a prompt, exactly as AUTOMATIC1111 does it (`modules/sd_hijack_clip.py`,
+`modules/sd_hijack.py` `EmbeddingsWithFixes`, `modules/sd_emphasis.py`):
 - the prompt is split into (text, weight) segments by emphasis syntax: `(word)`, `(word:1.3)`, `[word]`, `BREAK`;
 - each segment is tokenized; an embedding name matches where its token ids appear (longest match wins,
   so matching is case-insensitive, like CLIP itself);
@@ -115,9 +116,6 @@ class PromptTokenizer:
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
-
-    def name_ids(self, name: str) -> tuple[int, ...]:
-        return tuple(self._ids(name))
 
     def _match(self, ids: list[int], i: int) -> tuple[str, int] | None:
         for cand, name in self._index.get(ids[i], ()):

@@ -12,6 +12,9 @@ import gradio as gr
 
 from .. import __version__
 from ..config import Paths
+from ..jobs import TrainingRunner
+from ..library import EmbeddingLibrary
+from ..studio import Studio
 from .context import CSS, UIContext, library_report
 from .create_tab import build_create_tab
 from .generate_tab import GenerateTab, build_generate_tab
@@ -21,7 +24,7 @@ from .train_tab import TrainTab, build_train_tab
 TITLE = "tinv-ui: Textual Inversion"
 
 
-def build_ui(studio, library, runner, paths: Paths, *, xformers: bool = False, compile: bool = False) -> gr.Blocks:
+def build_ui(studio: Studio, library: EmbeddingLibrary, runner: TrainingRunner, paths: Paths, *, xformers: bool = False, compile: bool = False) -> gr.Blocks:
     """The app's Blocks for this studio/library/runner. Queue and launch with `launch()`."""
     ctx = UIContext(studio, library, runner, paths, xformers=xformers, compile=compile)
     ctx.refresh_library()

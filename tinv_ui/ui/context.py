@@ -8,29 +8,26 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..config import Paths
-
-
+from ..jobs import JobStatus, TrainingRunner
+from ..library import EmbeddingLibrary
+from ..studio import Studio
 
 @dataclass
 class UIContext:
     """The app's long-lived objects, passed to every tab builder."""
 
-    studio: Any  # studio.Studio
-    library: Any  # library.EmbeddingLibrary
-    runner: Any  # jobs.TrainingRunner
+    studio: Studio
+    library: EmbeddingLibrary
+    runner: TrainingRunner
     paths: Paths
     xformers: bool = False
     compile: bool = False  # default of the Generate panel's "torch.compile the UNet" box (app.py --compile)
 
     def refresh_library(self, force: bool = False) -> bool:
         """Rescan the embeddings folder for the loaded model's width; True when something changed."""
-        if not self.studio.loaded:
-            return self.library.refresh(force=force)
-        # The same width/tokenizer as `generation.generate` passes, so neither caller forces a rebuild.
-        return self.library.refresh(expected_width=self.studio.embedding_width, tokenizer=self.studio.tokenizer, force=force)
+        return self.library.rescan_for(self.studio, force=force)
 
     def embedding_names(self) -> list[str]:
         return list(self.library.names())
@@ -43,7 +40,7 @@ class UIContext:
 
     def training_running(self) -> bool:
         job = self.runner.current
-        return job is not None and job.snapshot().status == "running"
+        return job is not None and job.snapshot().status == JobStatus.RUNNING
 
 
 def display_path(path: str | Path) -> str:
@@ -53,16 +50,6 @@ def display_path(path: str | Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def format_duration(seconds: float | None) -> str:
-    """1234.5 → '20:34', 4000 → '1:06:40'; None → '?'."""
-    if seconds is None:
-        return "?"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def progress_html(done: int, total: int, label: str, state: str = "running") -> str:

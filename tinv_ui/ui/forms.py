@@ -7,53 +7,50 @@ edits which field, adapts handlers to take values by field name, and builds the 
 
 from __future__ import annotations
 
-import enum
 import inspect
 from collections.abc import Callable
-from dataclasses import MISSING, fields
 from typing import Any
 
 import gradio as gr
 
-from ..config import field_help, field_range
+from ..config import field_help, field_range, field_spec
 from ..errors import ConfigError
 
 
-def field_default(cls: type, name: str) -> Any:
-    f = next(f for f in fields(cls) if f.name == name)
-    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-
-
 def widget(cls: type, name: str, label: str, *, slider: bool = False, **kw: Any) -> gr.components.Component:
-    """A component for field `name` of config class `cls`: checkbox, dropdown (enums), slider/number, textbox."""
-    default = kw.pop("value", field_default(cls, name))
+    """A component for field `name` of config class `cls`: checkbox, dropdown (enums), slider/number, textbox.
+
+    A bool `value=` gives a checkbox whatever the field's kind (the Generate panel's compile box: on/off).
+    """
+    spec = field_spec(cls, name)
+    default = kw.pop("value", spec.shown_default)
     kw.setdefault("info", field_help(cls, name))
     lo, hi = field_range(cls, name)
     if isinstance(default, bool):
         return gr.Checkbox(value=default, label=label, **kw)
-    if isinstance(default, enum.Enum):
-        return gr.Dropdown([e.value for e in type(default)], value=default.value, label=label, **kw)
-    if isinstance(default, (int, float)):
-        step = 1 if isinstance(default, int) else kw.pop("step", 0.1)
+    if spec.kind == "choice":
+        return gr.Dropdown(list(spec.choices), value=default, label=label, **kw)
+    if spec.kind in ("int", "float"):
+        step = 1 if spec.kind == "int" else kw.pop("step", 0.1)
         if slider and lo is not None and hi is not None:
             return gr.Slider(lo, hi, value=default, step=kw.pop("step", step), label=label, **kw)
-        return gr.Number(value=default, label=label, minimum=lo, maximum=hi, precision=0 if isinstance(default, int) else None, **kw)
+        return gr.Number(value=default, label=label, minimum=lo, maximum=hi, precision=0 if spec.kind == "int" else None, **kw)
     return gr.Textbox(value=default, label=label, **kw)
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
     """Widget value → field type (Sliders send floats, an emptied Number sends None)."""
-    default = field_default(cls, name)
-    if isinstance(default, bool):
+    kind = field_spec(cls, name).kind
+    if kind == "bool":
         return bool(value)
-    if isinstance(default, enum.Enum):
+    if kind == "choice":  # the config's __post_init__ turns the value (or a checkbox's bool) into the Enum
         return value
-    if isinstance(default, (int, float)):
+    if kind in ("int", "float"):
         if value is None or value == "":
             raise ConfigError(f"{name} is empty: enter a number.")
-        if isinstance(default, int) and float(value) != int(value):
+        if kind == "int" and float(value) != int(value):
             raise ConfigError(f"{name} is {value}; it must be a whole number.")
-        return type(default)(value)
+        return int(value) if kind == "int" else float(value)
     return "" if value is None else str(value)
 
 

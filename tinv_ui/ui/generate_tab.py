@@ -14,8 +14,8 @@ import gradio as gr
 
 from .. import generation
 from ..config import SAMPLERS, GenerateConfig
-from ..events import Generated, Step
-from .context import UIContext, format_duration, library_report, progress_html
+from ..events import Generated, Step, format_duration
+from .context import UIContext, library_report, progress_html
 from .errors import user_errors
 from .forms import Form
 
@@ -116,7 +116,7 @@ def run_generation(ctx: UIContext, cfg: GenerateConfig, tab: GenerateTab):
     """Drive `generation.generate`, yielding dict updates for the tab's result outputs."""
     if ctx.studio.busy_with:
         yield {tab.progress: progress_html(0, 1, f"Waiting for the model ({ctx.studio.busy_with})...", "running")}
-    if cfg.compile:
+    if generation.compiles(cfg, ctx.studio.device):
         yield {tab.progress: progress_html(0, 1, "Starting... torch.compile is on: a new image size or batch size "
                                                  "compiles first (about a minute on a GPU).", "running")}
     images: list[Any] = []

@@ -9,7 +9,7 @@ import gradio as gr
 
 from ..config import ModelSpec
 from ..errors import BusyError, ModelLoadError
-from ..studio import list_models
+from ..studio import Studio, list_models
 from ..tiny_model import TINY_LABEL
 from .context import UIContext
 from .errors import user_errors
@@ -95,7 +95,7 @@ def load_model(ctx: UIContext, source: str | None) -> str:
     return model_status(ctx)
 
 
-def enable_xformers(studio) -> bool:
+def enable_xformers(studio: Studio) -> bool:
     """Use xformers attention for the loaded model when CUDA and xformers are available; False otherwise."""
     return studio.set_attention(xformers=True)
 

@@ -1,6 +1,6 @@
 """The "Train" tab: widgets ↔ `TrainConfig`; the run lives in `jobs.TrainingRunner`, the tab only watches it.
 
-Training runs on a background job owned by the app (decisions §12.1), so it survives a closed or reloaded
+Training runs on a background job owned by the app (docs/design.md, "Long work"), so it survives a closed or reloaded
 tab. Every open tab polls the runner's current job with a `gr.Timer` and redraws only what changed;
 Start while a run is active shows the runner's `BusyError`.
 """
@@ -17,7 +17,9 @@ import pandas as pd
 
 from ..config import SAMPLERS, TrainConfig, field_help
 from ..templates import list_templates
-from .context import UIContext, display_path, format_duration, progress_html
+from ..events import format_duration
+from ..jobs import JobStatus
+from .context import UIContext, display_path, progress_html
 from .errors import user_errors
 from .forms import Form
 from .uploads import import_uploads
@@ -199,8 +201,7 @@ def _advanced_settings(ctx: UIContext, form: Form) -> None:
         form.add("gradient_checkpointing", "Gradient checkpointing")
     with gr.Row():
         form.add("xformers", "xformers attention", value=ctx.xformers)
-        form.register("compile", gr.Dropdown(["auto", "on", "off"], value="auto", label="torch.compile",
-                                             info=field_help(TrainConfig, "compile")))
+        form.add("compile", "torch.compile")
 
 
 def _embedding_update(ctx: UIContext, select: str | None = None) -> Any:
@@ -212,7 +213,7 @@ def _embedding_update(ctx: UIContext, select: str | None = None) -> Any:
 def interrupt_training(ctx: UIContext) -> str:
     """Ask the running job to stop; it saves the embedding at its current step."""
     job = ctx.runner.current
-    if job is None or job.snapshot().status != "running":
+    if job is None or job.snapshot().status != JobStatus.RUNNING:
         gr.Warning("No training is running.")
         return gr.skip()
     job.stop()
@@ -241,7 +242,7 @@ def job_view(ctx: UIContext, seen: dict) -> list[Any]:
         return any(seen.get(k) != now[k] for k in ("job", *keys))
 
     return [
-        progress_html(snap.step, snap.total, _progress_label(snap), snap.status) if changed("status", "step") else gr.skip(),
+        progress_html(snap.step, snap.total, _progress_label(snap), snap.status.value) if changed("status", "step") else gr.skip(),
         _gallery_value(snap.previews) if changed("previews") else gr.skip(),
         _loss_frame(list(snap.losses)) if changed("step") else gr.skip(),
         now["saved"] if changed("saved") else gr.skip(),
@@ -253,9 +254,9 @@ def job_view(ctx: UIContext, seen: dict) -> list[Any]:
 def _progress_label(snap) -> str:
     head = f"{snap.name}: step {snap.step}/{snap.total}"
     loss = f" · loss {snap.losses[-1][1]:.4f}" if snap.losses else ""
-    if snap.status == "running":
+    if snap.status == JobStatus.RUNNING:
         return f"{head} · ETA {format_duration(snap.eta)}{loss}"
-    return f"{head} · {snap.status}{loss}"
+    return f"{head} · {snap.status.value}{loss}"
 
 
 def _gallery_value(previews: list[Path]) -> list[tuple[str, str]]:

@@ -14,10 +14,10 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from ..dataset import CAPTION_SUFFIX, IMAGE_SUFFIXES
 from ..fileio import atomic_write
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-CAPTION_SUFFIXES = {".txt"}
+CAPTION_SUFFIXES = {CAPTION_SUFFIX}
 MAX_NAME = 120
 MAX_LABEL = 60  # of the dataset folder's name, before its time stamp
 
