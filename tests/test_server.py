@@ -214,3 +214,58 @@ def test_the_server_answers_within_a_second_during_heavy_work_and_a_backtracking
         assert max(times) < 1.0, times
     finally:
         client.predict(api_name="/interrupt_training")
+
+
+# -- named-field messages ----------------------------------------------------------------------------------------
+def generate_kwargs(**settings) -> dict:
+    return {"prompt": "a cat", "negative_prompt": "", "sampler": "Euler a", "steps": 2, "cfg_scale": 7.0, "seed": 1,
+            "width": 64, "height": 64, "batch_count": 1, "batch_size": 1, "clip_skip": 1, "save": False, **settings}
+
+
+def test_bad_numbers_and_folders_get_messages_naming_the_field(app, client):
+    client.predict(name="fields", initializer="*", num_vectors=1, overwrite=True, file_format="pt",
+                   api_name="/create_embedding")
+    data = app.cwd.parent / "data" / "fields"
+    write_images(data, 2)
+    base = train_kwargs(client, embedding="fields", dataset_dir=str(data))
+    tracebacks = app.log_text().count("Traceback")
+
+    message = refused(client, "/start_training", **{**base, "max_steps": 0})
+    assert "Max steps: max_steps is 0; it must be at least 1" in message
+    for seed in (2**32, -2):
+        message = refused(client, "/start_training", **{**base, "seed": seed})
+        assert f"seed is {seed}; use a whole number from 0 to 4294967295, or -1 for a random seed" in message
+        message = refused(client, "/generate", **generate_kwargs(seed=seed))
+        assert f"seed is {seed}; use a whole number from 0 to 4294967295" in message
+    message = refused(client, "/generate", **generate_kwargs(clip_skip=5))
+    assert "clip_skip is 5, but the loaded model's text encoder has 2 layers; use 1 to 2" in message
+    message = refused(client, "/generate", **generate_kwargs(steps=0))  # a slider: named too
+    assert "Sampling steps: steps is 0; it must be at least 1" in message
+
+    (app.dirs["outputs"] / "a-file").write_text("not a folder", encoding="utf-8")
+    message = refused(client, "/start_training", **{**base, "log_dir": "outputs/a-file"})
+    assert "log_dir 'outputs/a-file' cannot hold the run's logs" in message and "is a file, not a folder" in message
+    assert app.log_text().count("Traceback") == tracebacks  # user errors are not logged as crashes
+
+
+def test_create_refuses_to_overwrite_the_embedding_being_trained(app, client):
+    client.predict(name="in-training", initializer="*", num_vectors=1, overwrite=True, file_format="pt",
+                   api_name="/create_embedding")
+    data = app.cwd.parent / "data" / "in-training"
+    write_images(data, 2)
+    started = client.predict(**train_kwargs(client, embedding="in-training", dataset_dir=str(data), max_steps=100_000),
+                             api_name="/start_training")
+    assert started == "Training in-training started."
+    try:
+        for name in ("in-training", "IN-TRAINING"):
+            message = refused(client, "/create_embedding", name=name, initializer="cat", num_vectors=3, overwrite=True,
+                              file_format="pt")
+            assert "'in-training' is being trained (the run at step " in message and "interrupt that run" in message
+        created = client.predict(name="another", initializer="*", num_vectors=1, overwrite=True, file_format="pt",
+                                 api_name="/create_embedding")
+        assert created.startswith("Created:")
+    finally:
+        client.predict(api_name="/interrupt_training")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "interrupted" not in timed_poll(app)[1]:
+        time.sleep(0.3)

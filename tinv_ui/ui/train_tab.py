@@ -17,6 +17,8 @@ import pandas as pd
 
 from .. import confine
 from ..config import SAMPLERS, TrainConfig, field_help
+from ..errors import ConfigError
+from ..fileio import folder_problem
 from ..templates import find_template, list_templates
 from .context import UIContext, display_path, format_duration, progress_html
 from .errors import user_errors
@@ -61,6 +63,9 @@ def check_paths(ctx: UIContext, cfg: TrainConfig) -> None:
     ctx.confine(cfg.dataset_dir, "dataset_dir")
     if cfg.log_dir.strip():
         ctx.confine(cfg.log_dir, "log_dir")
+        if problem := folder_problem(cfg.log_dir):
+            raise ConfigError(f"log_dir {cfg.log_dir!r} cannot hold the run's logs: {problem}. Give a folder, or "
+                              "leave it empty for outputs/train.")
     template = cfg.template.strip()
     if confine.looks_like_path(template):
         ctx.confine(template, "template")  # before looking: "not found" would tell what exists outside
