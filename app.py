@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Tick 'torch.compile the UNet' in the Generate panel: each new image size/batch size compiles "
                         "once (about a minute on a GPU), later images are faster.")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="Require this login.")
+    p.add_argument("--allow-dir", type=Path, action="append", default=[], metavar="PATH",
+                   help="Also let the page use this folder (dataset, template, log folder, model); repeatable. "
+                        "By default paths typed into the page must lie in the embeddings, outputs, models and "
+                        "textual_inversion_templates folders.")
     args = p.parse_args(argv)
     if args.auth is not None and (":" not in args.auth or not all(args.auth.split(":", 1))):
         p.error("--auth must look like user:password")
@@ -117,7 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         enable_xformers(studio)
     library = EmbeddingLibrary(paths.embeddings_dir)
     runner = TrainingRunner(studio, library, paths)
-    demo = build_ui(studio, library, runner, paths, xformers=args.xformers, compile=args.compile)
+    for folder in args.allow_dir:
+        if not folder.is_dir():
+            log.warning("--allow-dir %s is not a folder (yet); it is allowed anyway.", folder)
+    demo = build_ui(studio, library, runner, paths, xformers=args.xformers, compile=args.compile,
+                    allow_dirs=args.allow_dir)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     log.info("serving on http://%s:%d", args.host, args.port)
     launch(demo, paths, args.host, args.port, share=args.share, auth=auth)

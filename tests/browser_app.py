@@ -75,15 +75,20 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
 
 
 @contextlib.contextmanager
-def running_app(cwd: Path, cache_dir: Path, *extra: str) -> Iterator[App]:
-    """`python app.py` on a free port with folders under `cwd` (relative, as a user would have them)."""
+def running_app(cwd: Path, cache_dir: Path, *extra: str, allow_dir: Path | None = None) -> Iterator[App]:
+    """`python app.py` on a free port with folders under `cwd` (relative, as a user would have them).
+
+    `allow_dir` (default: `cwd`'s parent, where the tests write datasets and templates) is allowed with
+    --allow-dir, as a user would allow their own data folder.
+    """
     port = free_port()
     dirs = {k: cwd / k for k in ("embeddings", "outputs", "models")}
     log = cwd / "app.log"
     env = {**os.environ, "GRADIO_TEMP_DIR": str(cwd / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(REPO / "app.py"), "--port", str(port), "--model", "tiny", "--embeddings-dir", "embeddings",
-           "--outputs-dir", "outputs", "--models-dir", "models", "--cache-dir", str(cache_dir), *extra]
+           "--outputs-dir", "outputs", "--models-dir", "models", "--cache-dir", str(cache_dir),
+           "--allow-dir", str(allow_dir or cwd.parent), *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:

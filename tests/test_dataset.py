@@ -2,6 +2,7 @@
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +151,43 @@ def test_file_name_captions_strip_leading_numbers_then_apply_the_regex(tmp_path)
     assert caption_for(tmp_path / "12 cat.png") == "cat"
     with pytest.raises(ConfigError, match="filename_regex"):
         compile_filename_regex("(")
+
+
+_CATASTROPHIC_REGEXES = r"""
+import sys, time
+from pathlib import Path
+from tinv_ui.dataset import caption_for, compile_filename_regex
+from tinv_ui.errors import ConfigError
+long_name = Path(sys.argv[1]) / ("a" * 40 + " " + "ab " * 30 + "a" * 40 + "!.png")
+for pattern in (r"(a+)+$", r"(\w+\s?)+$", r"(a|aa)+$"):
+    t0 = time.monotonic()
+    try:
+        caption_for(long_name, compile_filename_regex(pattern))
+        outcome = "matched"
+    except ConfigError as e:
+        outcome = str(e)
+    print(f"{time.monotonic() - t0:.2f} {outcome}")
+"""
+
+
+def test_catastrophic_filename_regexes_are_bounded_and_named(tmp_path):
+    """Backtracking patterns on a long file name end within a second, or fail naming filename_regex.
+
+    Run in a child process: a backtracking `re` holds the GIL, so the test itself could not time it out.
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _CATASTROPHIC_REGEXES, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        seconds, outcome = line.split(" ", 1)
+        assert float(seconds) < 2.0, line
+        assert outcome == "matched" or ("filename_regex" in outcome and "Simplify it" in outcome), line
+    assert "filename_regex '(a|aa)+$' took over" in lines[2]
 
 
 def test_captions_are_attached_to_images(tmp_path):

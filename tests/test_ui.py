@@ -258,7 +258,7 @@ def served(studio, paths, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     library = EmbeddingLibrary(paths.embeddings_dir)
     runner = TrainingRunner(studio, library, paths)
-    demo = build_ui(studio, library, runner, paths)
+    demo = build_ui(studio, library, runner, paths, allow_dirs=[tmp_path])  # the tests' datasets live there
     _, url, _ = launch(demo, paths, port=free_port(), prevent_thread_lock=True)
     client = Client(url, verbose=False)
     try:

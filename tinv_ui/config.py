@@ -74,6 +74,16 @@ def _check_ranges(obj: Any) -> None:
             raise ConfigError(f"{f.name} is {value}; it must be at most {hi}.")
 
 
+SEED_MAX = 2**32 - 1  # torch, numpy and A1111's infotexts all take 32-bit seeds
+
+
+def _check_seeds(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value != -1 and not 0 <= value <= SEED_MAX:
+            raise ConfigError(f"{name} is {value}; use a whole number from 0 to {SEED_MAX}, or -1 for a random seed.")
+
+
 class ClipGrad(str, enum.Enum):
     DISABLED = "disabled"
     VALUE = "value"
@@ -203,6 +213,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_ranges(self)
+        _check_seeds(self, "seed", "preview_seed")
         object.__setattr__(self, "clip_grad_mode", ClipGrad(self.clip_grad_mode))
         object.__setattr__(self, "latent_sampling", LatentSampling(self.latent_sampling))
         if not self.embedding.strip():
@@ -242,6 +253,7 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         _check_ranges(self)
         object.__setattr__(self, "compile", Compile.of(self.compile))
+        _check_seeds(self, "seed")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
         for name in ("width", "height"):

@@ -17,6 +17,7 @@ import torch
 from . import formats
 from .config import CreateConfig, EmbeddingFileFormat
 from .embedding import Embedding, sanitize_name
+from .fileio import disk_full_is_said
 from .errors import ConfigError, InvalidNameError
 
 if TYPE_CHECKING:
@@ -108,7 +109,8 @@ def create_embedding(studio: Studio, cfg: CreateConfig, embeddings_dir: str | Pa
                 vectors = torch.zeros(cfg.num_vectors, matrix.shape[1], dtype=torch.float32)
     info = studio.info
     embedding = Embedding(name, vectors, step=0, meta={"sd_checkpoint": None, "sd_checkpoint_name": None})
-    formats.write(embedding, path)
+    with disk_full_is_said(path, "free some space and create it again (an existing file of that name is unchanged)."):
+        formats.write(embedding, path)
     log.info("created %s (%d vectors from %r, model %s)", path, cfg.num_vectors, cfg.initializer,
              info.label if info else "?")
     return path

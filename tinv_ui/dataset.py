@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import regex as bounded_re  # the `regex` package: a time limit per match, and it releases the GIL meanwhile
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -89,17 +90,34 @@ class Dataset:
 # -- captions ------------------------------------------------------------------------------------------
 
 
-def compile_filename_regex(pattern: str) -> re.Pattern | None:
+# A file name is short: any sane pattern matches it in microseconds. One that needs longer backtracks
+# catastrophically (`(a|aa)+$`) and would hold the CPU for hours; it is stopped and named instead.
+REGEX_TIMEOUT_SECONDS = 0.25
+
+
+def compile_filename_regex(pattern: str) -> bounded_re.Pattern | None:
     """The `filename_regex` setting compiled, or None when empty; a bad pattern is a `ConfigError`."""
     if not pattern:
         return None
     try:
-        return re.compile(pattern)
-    except re.error as e:
+        return bounded_re.compile(pattern)
+    except (bounded_re.error, re.error, ValueError, OverflowError, RecursionError) as e:
         raise ConfigError(f"filename_regex {pattern!r} is not a valid regular expression ({e}); e.g. use \\w+") from e
 
 
-def caption_for(path: Path, regex: re.Pattern | None = None, join: str = " ") -> str:
+def filename_matches(regex: bounded_re.Pattern, text: str) -> list[str]:
+    """The whole matches of `filename_regex` in `text`, or a `ConfigError` naming it when it runs too long."""
+    try:
+        return [m.group(0) for m in regex.finditer(text, timeout=REGEX_TIMEOUT_SECONDS, concurrent=True)]
+    except TimeoutError:
+        raise ConfigError(
+            f"filename_regex {regex.pattern!r} took over {REGEX_TIMEOUT_SECONDS} s on the file name {text[:80]!r} "
+            "and was stopped: it backtracks without end (nested repeats such as (a+)+ or (a|aa)+). Simplify it, "
+            "e.g. \\w+ or [^_]+."
+        ) from None
+
+
+def caption_for(path: Path, regex: bounded_re.Pattern | None = None, join: str = " ") -> str:
     """The caption of an image: its `.txt` sidecar (stripped), else its file name (as A1111's
     `PersonalizedBase.__init__` in `modules/textual_inversion/dataset.py`).
 
@@ -115,7 +133,7 @@ def caption_for(path: Path, regex: re.Pattern | None = None, join: str = " ") ->
                 raise _Skip(f"its caption {sidecar.name} cannot be read ({e.strerror or e})") from None
     text = _LEADING_NUMBERS.sub("", path.stem)
     if regex is not None:
-        text = join.join(m.group(0) for m in regex.finditer(text))
+        text = join.join(filename_matches(regex, text))
     return text
 
 

@@ -43,3 +43,7 @@ class ModelLoadError(TinvError):
 
 class TrainingError(TinvError):
     """Training had to stop (NaN/inf loss, disk full, ...); the last good embedding is kept."""
+
+
+class DiskFullError(TinvError, OSError):
+    """A write stopped because the disk is full; the previous file (if any) is kept whole."""

@@ -7,9 +7,11 @@ half-written one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,3 +65,52 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected pos ..."), not as ENOSPC,
+# so an error while writing into a folder with less than this free counts as a full disk too.
+DISK_NEARLY_FULL_BYTES = 1 << 20
+
+
+def is_disk_full(error: BaseException, path: str | os.PathLike) -> bool:
+    """True when `error`, raised while writing `path`, means the disk is full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    folder = Path(path).parent
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free < DISK_NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def disk_full_is_said(path: str | os.PathLike, advice: str) -> Iterator[None]:
+    """Turn a full disk while writing `path` into a `DiskFullError`: "the disk is full while writing PATH; ADVICE"."""
+    from .errors import DiskFullError
+
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, DiskFullError) or not is_disk_full(e, path):
+            raise
+        raise DiskFullError(f"the disk is full while writing {path}; {advice}") from e
+
+
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into `folder` (created if missing), or None when they can.
+
+    Checked without creating anything: the nearest existing part of the path must be a folder we may write.
+    """
+    path = Path(folder).expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} cannot be written (no permission, or a read-only disk)"
+    return None

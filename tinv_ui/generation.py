@@ -35,7 +35,7 @@ from . import __version__
 from .config import SAMPLER_TABLE, SAMPLERS, Compile, GenerateConfig, Paths
 from .errors import ConfigError
 from .events import Generated, Step
-from .fileio import atomic_write
+from .fileio import atomic_write, disk_full_is_said
 from .tokens import PromptEncoder
 
 if TYPE_CHECKING:
@@ -272,12 +272,21 @@ def next_image_path(folder: Path, seed: int) -> Path:
     return folder / f"{max(numbers, default=-1) + 1:05d}-{seed}.png"
 
 
+def check_clip_skip(studio: Studio, clip_skip: int) -> None:
+    """`clip_skip` n uses the n-th last layer's output: the loaded text encoder must have n layers."""
+    layers = getattr(getattr(studio.text_encoder, "config", None), "num_hidden_layers", None)
+    if layers is not None and clip_skip > layers:
+        raise ConfigError(f"clip_skip is {clip_skip}, but the loaded model's text encoder has {layers} layers; "
+                          f"use 1 to {layers}.")
+
+
 def generate(studio: Studio, cfg: GenerateConfig, library: EmbeddingLibrary, paths: Paths) -> Iterator[Step | Generated]:
     """Run `cfg.batch_count` batches of `cfg.batch_size` images with the embeddings folder's embeddings.
 
     Yields `Step` per denoising step and one `Generated` per batch. The lock is taken per batch, so a
     running training interleaves (it takes the lock per optimizer step) instead of failing either side.
     """
+    check_clip_skip(studio, cfg.clip_skip)
     # 1. Rescan the embeddings folder: files dropped in since the last request are used without a restart.
     library.rescan_for(studio)
     vectors, hashes = library.vectors(), library.hashes()
@@ -303,4 +312,6 @@ def generate(studio: Studio, cfg: GenerateConfig, library: EmbeddingLibrary, pat
 
 def _save(rendered: Rendered, paths: Paths) -> Path:
     folder = output_folder(paths)
-    return save_png(rendered.image, next_image_path(folder, rendered.seed), rendered.infotext)
+    path = next_image_path(folder, rendered.seed)
+    with disk_full_is_said(path, "free some space, or untick 'Save images' to generate without saving."):
+        return save_png(rendered.image, path, rendered.infotext)

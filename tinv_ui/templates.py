@@ -56,13 +56,15 @@ class Template:
 
     def check(self) -> None:
         """Raise `ConfigError` if any line lacks `[name]`: those prompts would train nothing."""
-        missing = [line for line in self.lines if NAME_TAG not in line]
+        missing = [number for number, line in enumerate(self.lines, 1) if NAME_TAG not in line]
         if missing:
-            shown = "; ".join(repr(line) for line in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            # Line numbers, never the lines: the file may not be a template at all, and a message must not
+            # disclose what it holds.
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
             raise ConfigError(
-                f"template {self.name!r} has no [name] in {len(missing)} of {len(self.lines)} lines ({shown}): "
-                "the embedding would get no gradient from those prompts. Add [name] to every line or pick "
-                "another template (e.g. style_filewords or subject_filewords)."
+                f"template {self.name!r} has no [name] in {len(missing)} of {len(self.lines)} lines (line {shown} "
+                "of the non-empty lines): the embedding would get no gradient from those prompts. Add [name] to "
+                "every line or pick another template (e.g. style_filewords or subject_filewords)."
             )
 
 
@@ -72,6 +74,11 @@ def list_templates(extra_dir: str | Path | None = None) -> list[str]:
     if extra_dir is not None and Path(extra_dir).is_dir():
         names |= {p.stem for p in Path(extra_dir).glob("*.txt") if p.is_file()}
     return sorted(names, key=str.lower)
+
+
+def find_template(name_or_path: str | Path, extra_dir: str | Path | None = None) -> Path:
+    """The file `load_template` would read for this name or path (a `ConfigError` when there is none)."""
+    return _find(name_or_path, extra_dir)
 
 
 def _find(name_or_path: str | Path, extra_dir: str | Path | None) -> Path:

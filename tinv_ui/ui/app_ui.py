@@ -6,12 +6,16 @@ embedding dropdown on the page is refreshed (and the new embedding selected for 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from .. import __version__
 from ..config import Paths
+from ..confine import Confinement
 from ..jobs import TrainingRunner
 from ..library import EmbeddingLibrary
 from ..studio import Studio
@@ -19,14 +23,20 @@ from .context import CSS, UIContext, library_report
 from .create_tab import build_create_tab
 from .generate_tab import GenerateTab, build_generate_tab
 from .model_picker import build_model_picker, wire_load
+from .server_guard import ServerGuard, is_loopback
 from .train_tab import TrainTab, build_train_tab
 
 TITLE = "tinv-ui: Textual Inversion"
 
 
-def build_ui(studio: Studio, library: EmbeddingLibrary, runner: TrainingRunner, paths: Paths, *, xformers: bool = False, compile: bool = False) -> gr.Blocks:
-    """The app's Blocks for this studio/library/runner. Queue and launch with `launch()`."""
-    ctx = UIContext(studio, library, runner, paths, xformers=xformers, compile=compile)
+def build_ui(studio: Studio, library: EmbeddingLibrary, runner: TrainingRunner, paths: Paths, *, xformers: bool = False, compile: bool = False,
+             allow_dirs: Iterable[str | Path] = ()) -> gr.Blocks:
+    """The app's Blocks for this studio/library/runner. Queue and launch with `launch()`.
+
+    Paths typed into the page are confined to the app's folders plus `allow_dirs` (app.py --allow-dir).
+    """
+    ctx = UIContext(studio, library, runner, paths, xformers=xformers, compile=compile,
+                    confinement=Confinement.for_app(paths, allow_dirs))
     ctx.refresh_library()
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nCreate, train and use embeddings · v{__version__}", elem_id="tinv-header")
@@ -80,9 +90,15 @@ def launch(
     auth: tuple[str, str] | None = None,
     prevent_thread_lock: bool = False,
 ) -> tuple[Any, str, str]:
-    """Queue and launch `demo`: loopback by default; GPU events run one at a time (`concurrency_id="gpu"`)."""
+    """Queue and launch `demo`: loopback by default; GPU events run one at a time (`concurrency_id="gpu"`).
+
+    `ServerGuard` sits in front of Gradio: Host names are checked when bound to loopback (not with `share`,
+    whose tunnel uses its own name), cross-site writes are refused and wrong logins are throttled.
+    """
     demo.queue(default_concurrency_limit=1, max_size=64)
+    guard = Middleware(ServerGuard, check_host=is_loopback(host) and not share, port=port)
     return demo.launch(
+        app_kwargs={"middleware": [guard]},
         server_name=host,
         server_port=port,
         share=share,

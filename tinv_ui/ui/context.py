@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Paths
+from ..confine import Confinement
 from ..jobs import JobStatus, TrainingRunner
 from ..library import EmbeddingLibrary
 from ..studio import Studio
+
 
 @dataclass
 class UIContext:
@@ -24,6 +26,15 @@ class UIContext:
     paths: Paths
     xformers: bool = False
     compile: bool = False  # default of the Generate panel's "torch.compile the UNet" box (app.py --compile)
+    confinement: Confinement | None = None  # folders web requests may use; default: the app's own folders
+
+    def __post_init__(self) -> None:
+        if self.confinement is None:
+            self.confinement = Confinement.for_app(self.paths)
+
+    def confine(self, path: str | Path, setting: str) -> Path:
+        """`path` resolved when a web request may use it, else a `ConfigError` naming `setting` and --allow-dir."""
+        return self.confinement.check(path, setting)
 
     def refresh_library(self, force: bool = False) -> bool:
         """Rescan the embeddings folder for the loaded model's width; True when something changed."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..config import CreateConfig
+from ..errors import BusyError
 from .context import UIContext, display_path
 from .errors import user_errors
 from .forms import Form
@@ -47,9 +48,21 @@ def build_create_tab(ctx: UIContext) -> CreateTab:
         from ..create import create_embedding
 
         cfg = form.config(data)
+        refuse_the_trained_embedding(ctx, cfg.name)
         path = create_embedding(ctx.studio, cfg, ctx.paths.embeddings_dir)
         ctx.refresh_library()
         return f"Created: {display_path(path)}", path.stem
 
     event = button.click(create, inputs=form.inputs, outputs=[status, created], concurrency_id="gpu", api_name="create_embedding")
     return CreateTab(form, button, status, created, event)
+
+
+def refuse_the_trained_embedding(ctx: UIContext, name: str) -> None:
+    """Refuse to create (or overwrite) the embedding a run is training: the run's next save would replace it."""
+    job = ctx.runner.current
+    if job is None:
+        return
+    snap = job.snapshot()
+    if snap.status == "running" and name.strip().lower() == job.cfg.embedding.strip().lower():
+        raise BusyError(f"name: {job.cfg.embedding!r} is being trained (the run at step {snap.step}/{snap.total}); "
+                        "interrupt that run first, or choose another name.")

@@ -33,9 +33,21 @@ def widget(cls: type, name: str, label: str, *, slider: bool = False, **kw: Any)
     if spec.kind in ("int", "float"):
         step = 1 if spec.kind == "int" else kw.pop("step", 0.1)
         if slider and lo is not None and hi is not None:
-            return gr.Slider(lo, hi, value=default, step=kw.pop("step", step), label=label, **kw)
-        return gr.Number(value=default, label=label, minimum=lo, maximum=hi, precision=0 if spec.kind == "int" else None, **kw)
+            return _range_checked_by_config(gr.Slider(lo, hi, value=default, step=kw.pop("step", step), label=label, **kw))
+        return _range_checked_by_config(gr.Number(value=default, label=label, minimum=lo, maximum=hi,
+                                                  precision=0 if spec.kind == "int" else None, **kw))
     return gr.Textbox(value=default, label=label, **kw)
+
+
+def _range_checked_by_config(component: gr.components.Component) -> gr.components.Component:
+    """Keep the browser's range hints but leave the check to the config, whose message names the field.
+
+    Gradio's own check answers an API client with "Value 0 is less than minimum value 1." (no field) and
+    logs a traceback; out-of-range values reach `Form.config` instead, which says which setting to change.
+    """
+    component.preprocess = lambda payload: None if payload is None else gr.Number.round_to_precision(
+        payload, component.precision)
+    return component
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
@@ -103,6 +115,21 @@ class Form:
         return handler
 
     def config(self, values: dict[str, Any], **overrides: Any) -> Any:
-        """The config dataclass from field-name → widget value (validation errors are `ConfigError`s)."""
-        coerced = {name: _coerce(self.cls, name, values[name]) for name in self.components}
-        return self.cls(**{**coerced, **overrides})
+        """The config dataclass from field-name → widget value (validation errors are `ConfigError`s).
+
+        A message that starts with a field's name gets the widget's label in front ("Max steps: max_steps
+        is 0; ..."), so both the page's reader and an API client know which setting is meant.
+        """
+        try:
+            coerced = {name: _coerce(self.cls, name, values[name]) for name in self.components}
+            return self.cls(**{**coerced, **overrides})
+        except ConfigError as e:
+            raise ConfigError(self.labelled(str(e))) from None
+
+    def labelled(self, message: str) -> str:
+        """`message` with the label of the field it starts with (if any) in front."""
+        for name, component in self.components.items():
+            label = getattr(component, "label", None)
+            if label and message.startswith((f"{name} ", f"{name}:")):
+                return f"{label}: {message}"
+        return message

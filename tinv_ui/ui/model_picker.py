@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..config import ModelSpec
+from ..confine import looks_like_path
 from ..errors import BusyError, ModelLoadError
 from ..studio import Studio, list_models
 from ..tiny_model import TINY_LABEL
@@ -88,11 +89,29 @@ def load_model(ctx: UIContext, source: str | None) -> str:
         raise ModelLoadError("No model selected: pick a checkpoint from models/ or the tiny test model.")
     if ctx.training_running():
         raise BusyError("Training is running; interrupt it before switching models.")
+    check_model_source(ctx, source)
     ctx.studio.load(ModelSpec(source))
     if ctx.xformers:
         enable_xformers(ctx.studio)
     ctx.refresh_library(force=True)
     return model_status(ctx)
+
+
+def check_model_source(ctx: UIContext, source: str) -> None:
+    """Refuse a model path outside the folders web requests may use; the tiny model and hub ids pass.
+
+    The path checked is the one `Studio.load` opens: `source` itself, else `source` inside models/.
+    """
+    if source == TINY:
+        return
+    path = Path(source)
+    if not path.exists() and (ctx.paths.models_dir / source).exists():
+        path = ctx.paths.models_dir / source
+    owner, _, repo = source.partition("/")
+    hub_id = bool(owner and repo) and not looks_like_path(owner) and not looks_like_path(repo)
+    if hub_id and not path.exists():
+        return
+    ctx.confine(path.absolute(), "model")
 
 
 def enable_xformers(studio: Studio) -> bool:

@@ -15,10 +15,13 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from .. import confine
 from ..config import SAMPLERS, TrainConfig, field_help
-from ..templates import list_templates
+from ..errors import ConfigError
 from ..events import format_duration
+from ..fileio import folder_problem
 from ..jobs import JobStatus
+from ..templates import find_template, list_templates
 from .context import UIContext, display_path, progress_html
 from .errors import user_errors
 from .forms import Form
@@ -54,7 +57,21 @@ class TrainTab:
 
 def user_template_dir(ctx: UIContext) -> Path:
     """User templates: `textual_inversion_templates/` beside the embeddings folder (A1111's folder name)."""
-    return ctx.paths.embeddings_dir.parent / "textual_inversion_templates"
+    return confine.user_template_dir(ctx.paths)
+
+
+def check_paths(ctx: UIContext, cfg: TrainConfig) -> None:
+    """Refuse a dataset, template or log folder outside the folders web requests may use (`confine`)."""
+    ctx.confine(cfg.dataset_dir, "dataset_dir")
+    if cfg.log_dir.strip():
+        ctx.confine(cfg.log_dir, "log_dir")
+        if problem := folder_problem(cfg.log_dir):
+            raise ConfigError(f"log_dir {cfg.log_dir!r} cannot hold the run's logs: {problem}. Give a folder, or "
+                              "leave it empty for outputs/train.")
+    template = cfg.template.strip()
+    if confine.looks_like_path(template):
+        ctx.confine(template, "template")  # before looking: "not found" would tell what exists outside
+    ctx.confine(find_template(template), "template")  # a bare name may still be a file in the working folder
 
 
 def template_choices(ctx: UIContext) -> list[tuple[str, str]]:
@@ -101,6 +118,7 @@ def _wire(ctx: UIContext, tab: TrainTab) -> None:
     def start_training(data: dict) -> tuple[str, dict]:
         ctx.runner.check_idle()  # "already running" matters more than this tab's settings
         cfg = form.config(data)
+        check_paths(ctx, cfg)
         ctx.runner.start(cfg)
         return f"Training {cfg.embedding} started.", {}  # an empty `seen` makes the next poll redraw everything
 
