@@ -256,3 +256,16 @@ def test_encode_on_cuda_makes_no_synchronizing_call(studio):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert cond.is_cuda and cond.shape[:2] == (2, 154)
+
+
+def test_min_chunks_pads_with_empty_prompt_chunks(studio):
+    enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {"twovec": _vec(studio, 2)})
+    with torch.no_grad():
+        plain, used = enc.encode(["a twovec photo"])
+        padded, used_padded = enc.encode(["a twovec photo"], min_chunks=3)
+        empty, _ = enc.encode([""])
+        long_prompt = "word " * 80  # already two chunks: min_chunks=2 changes nothing
+        assert torch.equal(enc.encode([long_prompt], min_chunks=2)[0], enc.encode([long_prompt])[0])
+    assert padded.shape == (1, 3 * 77, plain.shape[2]) and used_padded == used == ["twovec"]
+    assert torch.equal(padded[:, :77], plain)
+    assert torch.equal(padded[:, 77:154], empty) and torch.equal(padded[:, 154:], empty)

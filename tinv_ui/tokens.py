@@ -257,11 +257,13 @@ class PromptEncoder:
             self._empty = self.tokenize("")
         return self._empty
 
-    def encode(self, prompts: list[str], clip_skip: int = 1, max_chunks: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    def encode(self, prompts: list[str], clip_skip: int = 1, max_chunks: int | None = None,
+               min_chunks: int = 1) -> tuple[torch.Tensor, list[str]]:
         """Conditioning `[B, 77*chunks, d]` for `prompts` (all padded to the same chunk count) and the
-        embedding names used. `max_chunks=1` truncates to one chunk, as training does."""
+        embedding names used. `max_chunks=1` truncates to one chunk; `min_chunks` pads with empty-prompt
+        chunks up to that count (a compiled UNet keeps one shape when captions vary in length)."""
         toks = [self.tokenize(p) for p in prompts]
-        n_chunks = max(len(t.ids) for t in toks)
+        n_chunks = max(min_chunks, *(len(t.ids) for t in toks))
         if max_chunks is not None:
             n_chunks = min(n_chunks, max_chunks)
         ids, weights, rows, pos, names = [], [], [], [], []
