@@ -8,9 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+TEMP_SUFFIX = ".tmp"
+# `.NAME.XXXXXXXX.tmp`: the names `atomic_path` gives its temp files (mkstemp's 8 random characters)
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
+
+
+def temp_target(name: str) -> str | None:
+    """The file name a temp file of ours (`.NAME.XXXXXXXX.tmp`) was about to replace, or None if it is not one."""
+    found = _TEMP_NAME.match(name)
+    return found.group("target") if found else None
 
 
 @contextlib.contextmanager
@@ -18,7 +30,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

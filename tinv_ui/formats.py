@@ -392,14 +392,23 @@ def optim_path(embedding_path: str | Path) -> Path:
     return p.with_name(p.name + ".optim")
 
 
-def write_optim(embedding_path: str | Path, embedding: Embedding, optimizer_state_dict: dict) -> Path:
-    """Write the optimizer state next to the embedding, tagged with the vectors' checksum."""
-    payload = {"hash": embedding.checksum(), "optimizer_state_dict": optimizer_state_dict}
+def write_optim(embedding_path: str | Path, embedding: Embedding, optimizer_state_dict: dict,
+                extra: dict | None = None) -> Path:
+    """Write the optimizer state next to the embedding, tagged with the vectors' checksum.
+
+    `extra` adds keys beside A1111's two (A1111 reads only `hash` and `optimizer_state_dict`)."""
+    payload = {**(extra or {}), "hash": embedding.checksum(), "optimizer_state_dict": optimizer_state_dict}
     return atomic_write(optim_path(embedding_path), lambda tmp: torch.save(payload, tmp))
 
 
 def read_optim(embedding_path: str | Path, embedding: Embedding) -> dict | None:
-    """The saved optimizer state, or None when there is none or it belongs to other vectors.
+    """The saved optimizer state, or None when there is none or it belongs to other vectors."""
+    sidecar = read_optim_sidecar(embedding_path, embedding)
+    return None if sidecar is None else sidecar["optimizer_state_dict"]
+
+
+def read_optim_sidecar(embedding_path: str | Path, embedding: Embedding) -> dict | None:
+    """The whole `.optim` dict (`optimizer_state_dict` plus any extra keys), or None as `read_optim`.
 
     A damaged sidecar is not worth failing a run over: it is logged and ignored (training restarts
     AdamW from scratch, as A1111 does).
@@ -418,4 +427,4 @@ def read_optim(embedding_path: str | Path, embedding: Embedding) -> dict | None:
     if data.get("hash") != embedding.checksum():
         log.info("optimizer state %s belongs to other vectors (hash %s); starting fresh", path.name, data.get("hash"))
         return None
-    return data["optimizer_state_dict"]
+    return data

@@ -78,6 +78,7 @@ class Studio:
         self.info: ModelInfo | None = None
         self.device = None
         self.dtype = None
+        self.xformers = False  # the loaded pipeline's attention: xformers (True) or PyTorch SDPA (False)
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self, spec: ModelSpec) -> ModelInfo:
@@ -109,6 +110,7 @@ class Studio:
                                      f"{first_line}") from e
             pipe.set_progress_bar_config(disable=True)
             self._pipe, self.spec, self.info, self.device, self.dtype = pipe, spec, info, device, dtype
+            self.xformers = False
             log.info("loaded %s on %s/%s in %.1fs", info.label, device, dtype, time.perf_counter() - t0)
             return info
 
@@ -176,6 +178,25 @@ class Studio:
         """Width of one token vector in the loaded text encoder (768 SD1, 1024 SD2, 32 tiny)."""
         return int(self.text_encoder.get_input_embeddings().weight.shape[1])
 
+    def set_attention(self, xformers: bool) -> bool:
+        """Switch the loaded pipeline's attention to xformers or back to PyTorch SDPA, under the lock.
+
+        xformers needs CUDA and the xformers package; without them this logs why and keeps SDPA.
+        Returns whether xformers is on now. The one place attention is switched (app start, training).
+        """
+        with self.session(what="switching attention"):
+            pipe = self.pipeline
+            if xformers and not self.xformers:
+                if not xformers_usable(self.device):
+                    log.warning("xformers needs CUDA and the xformers package (pip install xformers); "
+                                "using SDPA attention.")
+                    return False
+                pipe.enable_xformers_memory_efficient_attention()
+            elif not xformers and self.xformers:
+                pipe.disable_xformers_memory_efficient_attention()
+            self.xformers = xformers
+            return xformers
+
     def compiled_unet(self):
         """The loaded UNet wrapped in `torch.compile` for generation; the caller holds the lock.
 
@@ -211,6 +232,13 @@ class Studio:
     @property
     def busy_with(self) -> str:
         return self._holder if self._lock.locked() else ""
+
+
+def xformers_usable(device) -> bool:
+    """True on a CUDA device with the xformers package installed."""
+    import importlib.util
+
+    return getattr(device, "type", None) == "cuda" and importlib.util.find_spec("xformers") is not None
 
 
 def _from_pretrained(cls, source: str, **kw):

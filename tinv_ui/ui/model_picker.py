@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,14 +99,8 @@ def load_model(ctx: UIContext, source: str | None) -> str:
 
 
 def enable_xformers(studio) -> bool:
-    """Use xformers attention for the loaded UNet when CUDA and xformers are available; False otherwise."""
-    import torch
-
-    if not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None:
-        log.warning("--xformers: needs CUDA and the xformers package (pip install xformers); using SDPA attention.")
-        return False
-    studio.pipeline.enable_xformers_memory_efficient_attention()
-    return True
+    """Use xformers attention for the loaded model when CUDA and xformers are available; False otherwise."""
+    return studio.set_attention(xformers=True)
 
 
 def wire_load(ctx: UIContext, picker: ModelPicker):
