@@ -265,6 +265,29 @@ def test_latent_cache_once_draws_the_same_samples_however_the_encode_is_batched(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sampling", [LatentSampling.ONCE, LatentSampling.RANDOM])
+def test_lazy_latent_cache_encodes_a_group_on_first_use_and_equals_the_eager_one(studio, tmp_path, monkeypatch,
+                                                                                 sampling):
+    vae = studio.pipeline.vae
+    d = _mixed_size_dataset(tmp_path)  # buckets: 96x64 [0, 2], 64x64 [1, 3, 4]
+    monkeypatch.setattr(ds, "ENCODE_BATCH_IMAGES", 2)  # groups [0, 2], [1, 3], [4]
+    eager = build_latent_cache(vae, d, sampling, True, True, torch.Generator().manual_seed(5))
+    calls = []
+    encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x, *a, **k: calls.append(x.shape[0]) or encode(x, *a, **k))
+    lazy = build_latent_cache(vae, d, sampling, True, True, torch.Generator().manual_seed(5), lazy=True)
+    assert calls == [] and lazy.pending is not None  # nothing encoded before the first batch
+    g_eager, g_lazy = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for indices in ([3], [4, 1], [2], [0, 2]):
+        got, w = lazy.batch(indices, [True] * len(indices), g_lazy)
+        want, w_want = eager.batch(indices, [True] * len(indices), g_eager)
+        assert torch.equal(got, want) and torch.equal(w, w_want)  # same groups, same draws: bit for bit
+    assert calls == [4, 2, 4]  # group [1, 3] (with mirrors), then [4], then [0, 2]; each once
+    assert lazy.pending is None  # all encoded: the VAE reference is dropped
+    for a, b in zip(lazy.mean, eager.mean):
+        assert torch.equal(a, b)
+
+
 def test_batch_sampler_keeps_buckets_apart_and_covers_the_epoch():
     buckets = {(64, 64): [0, 1, 2, 3, 4], (96, 64): [5, 6, 7]}
     s = BucketBatchSampler(buckets, 2, random.Random(0))

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -253,16 +254,20 @@ class LatentCache:
 
     `mean[i]` is [F, 4, h, w] (F = 2 with flips, else 1); `std[i]` is kept only for `random` sampling, where a
     fresh sample `mean + std * noise` is drawn each time the image is used. `weight[i]` is [F, 1, h, w].
+    A lazy cache (`pending` set) encodes each image's group on the first batch that uses it; `fill()` the rest.
     """
 
-    mean: list[torch.Tensor]
-    std: list[torch.Tensor] | None = None
+    mean: list[torch.Tensor | None]
+    std: list[torch.Tensor | None] | None = None
     weight: list[torch.Tensor] | None = None
     flips: bool = False
     sizes: list[tuple[int, int]] = field(default_factory=list)
+    pending: "_GroupEncoder | None" = field(default=None, repr=False)
 
     def batch(self, indices: Sequence[int], flipped: Sequence[bool], generator: torch.Generator | None = None):
         """Latents [B, 4, h, w] (float32) and weights [B, 1, h, w] (or None) for one micro-batch."""
+        if self.pending is not None:
+            self.fill(indices)
         sel = [(i, int(f and self.flips)) for i, f in zip(indices, flipped)]
         latents = torch.stack([self.mean[i][f] for i, f in sel])
         if self.std is not None:
@@ -272,11 +277,19 @@ class LatentCache:
         weights = torch.stack([self.weight[i][f] for i, f in sel]) if self.weight is not None else None
         return latents, weights
 
+    def fill(self, indices: Sequence[int] | None = None) -> None:
+        """Encode the groups of `indices` (None: every image) that are not encoded yet."""
+        if self.pending is not None:
+            self.pending.encode(self, range(len(self.mean)) if indices is None else indices)
+            if all(m is not None for m in self.mean):
+                self.pending = None  # drops the VAE reference
+
 
 # Images per VAE call, for 512 x 512 images (smaller ones pack more, larger fewer): batching the encode makes
 # the latent cache several times faster than one image per call, while the activations of one call stay small
 # (the encoder's widest layer is 128 channels at full resolution: ~0.5 GiB per 512 px image in fp32).
 ENCODE_BATCH_PIXELS = 8 * 512 * 512
+ENCODE_BATCH_IMAGES = 8  # and at most this many images, so a lazy cache's first step encodes few of them
 
 
 def _encode_batch(vae, imgs: Sequence[Image.Image], flips: bool, device, dtype):
@@ -292,42 +305,81 @@ def _encode_batch(vae, imgs: Sequence[Image.Image], flips: bool, device, dtype):
     return mean.unflatten(0, (len(imgs), per_image)), std.unflatten(0, (len(imgs), per_image))
 
 
-def _encode_groups(dataset: Dataset, flips: bool) -> Iterator[list[int]]:
-    """Image indices in VAE calls: same-size images together, at most ENCODE_BATCH_PIXELS per call."""
+def _encode_groups(dataset: Dataset, flips: bool) -> list[list[int]]:
+    """Image indices in VAE calls: same-size images together, at most ENCODE_BATCH_PIXELS per call.
+
+    The groups depend on the dataset only, never on the order images are first used, so a lazy cache holds
+    exactly the latents an eager one does (a resumed run sees the same values bit for bit).
+    """
+    groups = []
     for (w, h), members in dataset.buckets.items():
-        per_call = max(1, ENCODE_BATCH_PIXELS // (w * h * (2 if flips else 1)))
-        for start in range(0, len(members), per_call):
-            yield members[start : start + per_call]
+        per_call = max(1, min(ENCODE_BATCH_IMAGES, ENCODE_BATCH_PIXELS // (w * h * (2 if flips else 1))))
+        groups += [members[start : start + per_call] for start in range(0, len(members), per_call)]
+    return groups
+
+
+@dataclass
+class _GroupEncoder:
+    """What a lazy `LatentCache` needs to encode a group later: the VAE, the images, the fixed noise."""
+
+    vae: Any
+    dataset: Dataset
+    flips: bool
+    sampling: LatentSampling
+    noise: list[torch.Tensor] | None  # `once` sampling: each image's posterior draw, made up front in order
+    groups: list[list[int]]
+    group_of: dict[int, int]
+
+    def encode(self, cache: LatentCache, indices) -> None:
+        device, dtype = next(self.vae.parameters()).device, next(self.vae.parameters()).dtype
+        for g in dict.fromkeys(self.group_of[i] for i in indices if cache.mean[i] is None):
+            group = self.groups[g]
+            with torch.no_grad():
+                mean, std = _encode_batch(self.vae, [self.dataset.images[i].image for i in group], self.flips,
+                                          device, dtype)
+            for k, i in enumerate(group):
+                m = mean[k]
+                if self.sampling == LatentSampling.ONCE:  # one posterior sample per image, fixed for the run
+                    m = m + std[k] * self.noise[i]
+                cache.mean[i] = m
+                if cache.std is not None:
+                    cache.std[i] = std[k]
 
 
 @torch.no_grad()
 def build_latent_cache(
-    vae, dataset: Dataset, sampling: LatentSampling, flips: bool, use_alpha: bool, generator: torch.Generator | None = None
+    vae, dataset: Dataset, sampling: LatentSampling, flips: bool, use_alpha: bool,
+    generator: torch.Generator | None = None, lazy: bool = False,
 ) -> LatentCache:
     """Encode every image (and its mirror with `flips`) once; see `LatentSampling` for the three methods.
 
     Same-size images share VAE calls; the encoder treats each image of a batch on its own (group norm is
-    per sample), so the latents equal a one-image-per-call encode up to float rounding.
+    per sample), so the latents equal a one-image-per-call encode up to float rounding. `lazy`: encode each
+    group when a batch first uses it, so training starts after one group instead of the whole folder (the
+    seeded `once` draws are still made here, in dataset order: the values do not depend on `lazy`).
     """
-    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    device = next(vae.parameters()).device
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    n = len(dataset.images)
-    means: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
-    stds: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
-    for group in _encode_groups(dataset, flips):
-        mean, std = _encode_batch(vae, [dataset.images[i].image for i in group], flips, device, dtype)
-        for k, i in enumerate(group):
-            means[i], stds[i] = mean[k], std[k]
+    channels = int(getattr(vae.config, "latent_channels", 4))
+    per_image = 2 if flips else 1
+    noise = None
+    if sampling == LatentSampling.ONCE:
+        noise = [torch.randn((per_image, channels, item.size[1] // factor, item.size[0] // factor),
+                             generator=generator, device=device) for item in dataset.images]
     weights = []
-    for i, item in enumerate(dataset.images):  # in dataset order, so the seeded draws do not depend on batching
-        if sampling == LatentSampling.ONCE:  # one posterior sample per image, fixed for the run
-            means[i] = means[i] + stds[i] * torch.randn(means[i].shape, generator=generator, device=means[i].device)
-        if use_alpha:
+    if use_alpha:
+        for item in dataset.images:
             w = alpha_weight(item.alpha, (item.size[0] // factor, item.size[1] // factor)).to(device)
             weights.append(torch.stack([w, w.flip(-1)]) if flips else w[None])
-    random_sampling = sampling == LatentSampling.RANDOM
-    return LatentCache(means, stds if random_sampling else None, weights if use_alpha else None, flips,
-                       [item.size for item in dataset.images])
+    groups = _encode_groups(dataset, flips)
+    n = len(dataset.images)
+    cache = LatentCache([None] * n, [None] * n if sampling == LatentSampling.RANDOM else None,
+                        weights if use_alpha else None, flips, [item.size for item in dataset.images])
+    cache.pending = _GroupEncoder(vae, dataset, flips, sampling, noise, groups,
+                                  {i: g for g, members in enumerate(groups) for i in members})
+    if not lazy:
+        cache.fill()
+    return cache
 
 
 # -- batches -------------------------------------------------------------------------------------------------

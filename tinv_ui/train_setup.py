@@ -31,7 +31,7 @@ from .studio import Studio
 from .templates import PromptBuilder, Template, load_template
 from .tokens import PromptEncoder, PromptTokenizer
 from .train_outputs import RESUME_KEY, LossLog
-from .train_speed import amp_dtype, memory_format
+from .train_speed import amp_dtype, memory_format, vae_offload_wanted
 
 log = logging.getLogger(__name__)
 
@@ -380,9 +380,11 @@ def prepare(studio: Studio, plan: Plan, unet, optimizer_for, accelerator) -> Run
         raise TrainingError(f"the model predicts {noise_scheduler.config.prediction_type!r}; only epsilon and "
                             "v_prediction models can be trained.")
     # The cache draws from `generator` (latent sampling "once"), so a resumed run rebuilds it from the seed
-    # first, then continues the saved generator state.
+    # first, then continues the saved generator state. It is lazy (each image group encoded when a batch first
+    # uses it, so the first step comes after one group, not the whole folder) unless the VAE will be kept in
+    # RAM between steps.
     latents = build_latent_cache(studio.pipeline.vae, plan.dataset, cfg.latent_sampling, cfg.flip,
-                                 cfg.use_alpha_weight, generator)
+                                 cfg.use_alpha_weight, generator, lazy=not vae_offload_wanted(device))
     vectors = nn.Parameter(plan.embedding.vectors.to(device, torch.float32).clone())
     others = {k: v.to(device) for k, v in plan.others.items()}
     amp = amp_dtype(studio)
