@@ -238,6 +238,7 @@ def test_latent_cache_batches_same_size_images_and_matches_one_image_per_call(st
     d = _mixed_size_dataset(tmp_path)
     with torch.no_grad():
         reference = _per_image_reference(vae, d, flips)
+    monkeypatch.setattr(ds, "ENCODE_BATCH_IMAGES_CPU", ds.ENCODE_BATCH_IMAGES)  # batch on the CPU too, as on CUDA
     calls = []
     encode = vae.encode
     monkeypatch.setattr(vae, "encode", lambda x, *a, **k: calls.append(tuple(x.shape)) or encode(x, *a, **k))
@@ -254,6 +255,7 @@ def test_latent_cache_batches_same_size_images_and_matches_one_image_per_call(st
 def test_latent_cache_once_draws_the_same_samples_however_the_encode_is_batched(studio, tmp_path, monkeypatch):
     vae = studio.pipeline.vae
     d = _mixed_size_dataset(tmp_path)
+    monkeypatch.setattr(ds, "ENCODE_BATCH_IMAGES_CPU", ds.ENCODE_BATCH_IMAGES)
     batched = build_latent_cache(vae, d, LatentSampling.ONCE, False, False, torch.Generator().manual_seed(3))
     monkeypatch.setattr(ds, "ENCODE_BATCH_PIXELS", 1)  # one image per call
     calls = []
@@ -270,7 +272,7 @@ def test_lazy_latent_cache_encodes_a_group_on_first_use_and_equals_the_eager_one
                                                                                  sampling):
     vae = studio.pipeline.vae
     d = _mixed_size_dataset(tmp_path)  # buckets: 96x64 [0, 2], 64x64 [1, 3, 4]
-    monkeypatch.setattr(ds, "ENCODE_BATCH_IMAGES", 2)  # groups [0, 2], [1, 3], [4]
+    monkeypatch.setattr(ds, "ENCODE_BATCH_IMAGES_CPU", 2)  # groups [0, 2], [1, 3], [4]
     eager = build_latent_cache(vae, d, sampling, True, True, torch.Generator().manual_seed(5))
     calls = []
     encode = vae.encode

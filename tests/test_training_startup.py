@@ -14,7 +14,7 @@ def test_images_are_encoded_as_batches_first_use_them(studio, paths, tmp_path, m
     images = tmp_path / "dataset"
     write_images(images, n=6)
     create_embedding(studio, CreateConfig(name="lazyemb", initializer="painting", num_vectors=1), paths.embeddings_dir)
-    monkeypatch.setattr(dataset, "ENCODE_BATCH_IMAGES", 2)  # 3 groups of 2 images
+    monkeypatch.setattr(dataset, "ENCODE_BATCH_IMAGES_CPU", 2)  # 3 groups of 2 images
     vae = studio.pipeline.vae
     encoded = []
     encode = vae.encode

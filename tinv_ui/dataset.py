@@ -290,6 +290,9 @@ class LatentCache:
 # (the encoder's widest layer is 128 channels at full resolution: ~0.5 GiB per 512 px image in fp32).
 ENCODE_BATCH_PIXELS = 8 * 512 * 512
 ENCODE_BATCH_IMAGES = 8  # and at most this many images, so a lazy cache's first step encodes few of them
+# On the CPU a batch costs the same per image as single encodes (compute-bound): one image per call there, so a
+# lazy cache encodes just the images each step uses (what diffusers' script does every step).
+ENCODE_BATCH_IMAGES_CPU = 1
 
 
 def _encode_batch(vae, imgs: Sequence[Image.Image], flips: bool, device, dtype):
@@ -305,15 +308,16 @@ def _encode_batch(vae, imgs: Sequence[Image.Image], flips: bool, device, dtype):
     return mean.unflatten(0, (len(imgs), per_image)), std.unflatten(0, (len(imgs), per_image))
 
 
-def _encode_groups(dataset: Dataset, flips: bool) -> list[list[int]]:
+def _encode_groups(dataset: Dataset, flips: bool, device: torch.device) -> list[list[int]]:
     """Image indices in VAE calls: same-size images together, at most ENCODE_BATCH_PIXELS per call.
 
     The groups depend on the dataset only, never on the order images are first used, so a lazy cache holds
     exactly the latents an eager one does (a resumed run sees the same values bit for bit).
     """
     groups = []
+    most = ENCODE_BATCH_IMAGES_CPU if device.type == "cpu" else ENCODE_BATCH_IMAGES
     for (w, h), members in dataset.buckets.items():
-        per_call = max(1, min(ENCODE_BATCH_IMAGES, ENCODE_BATCH_PIXELS // (w * h * (2 if flips else 1))))
+        per_call = max(1, min(most, ENCODE_BATCH_PIXELS // (w * h * (2 if flips else 1))))
         groups += [members[start : start + per_call] for start in range(0, len(members), per_call)]
     return groups
 
@@ -371,7 +375,7 @@ def build_latent_cache(
         for item in dataset.images:
             w = alpha_weight(item.alpha, (item.size[0] // factor, item.size[1] // factor)).to(device)
             weights.append(torch.stack([w, w.flip(-1)]) if flips else w[None])
-    groups = _encode_groups(dataset, flips)
+    groups = _encode_groups(dataset, flips, device)
     n = len(dataset.images)
     cache = LatentCache([None] * n, [None] * n if sampling == LatentSampling.RANDOM else None,
                         weights if use_alpha else None, flips, [item.size for item in dataset.images])
