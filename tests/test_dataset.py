@@ -4,6 +4,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_images
@@ -247,6 +248,84 @@ def test_flip_caches_the_encoded_mirror_image_and_flips_the_weights(studio, tmp_
     assert torch.equal(w[1], w[0].flip(-1))
     no_flip = build_latent_cache(vae, d, LatentSampling.DETERMINISTIC, False, False)
     assert torch.equal(no_flip.batch([0], [True])[0], no_flip.batch([0], [False])[0]) and no_flip.weight is None
+
+
+def _mixed_size_dataset(tmp_path):
+    """Five RGBA images in two size buckets (keep_size), interleaved so the buckets are not in file order."""
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(96, 64), (64, 64), (96, 64), (64, 64), (64, 64)]):
+        rgba = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+        Image.fromarray(rgba, "RGBA").save(tmp_path / f"{i}.png")
+    return load_dataset(tmp_path, None, keep_alpha=True)
+
+
+def _per_image_reference(vae, d, flips):
+    """One image (and its mirror) per VAE call: what the cache held before encodes were batched."""
+    out = []
+    for item in d.images:
+        x = pixels_to_tensor(item.image)[None]
+        x = torch.cat([x, x.flip(-1)]) if flips else x
+        dist = vae.encode(x).latent_dist
+        out.append((dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor))
+    return out
+
+
+@pytest.mark.parametrize("flips", [False, True])
+def test_latent_cache_batches_same_size_images_and_matches_one_image_per_call(studio, tmp_path, monkeypatch, flips):
+    vae = studio.pipeline.vae
+    d = _mixed_size_dataset(tmp_path)
+    with torch.no_grad():
+        reference = _per_image_reference(vae, d, flips)
+    monkeypatch.setattr(ds, "ENCODE_BATCH_IMAGES_CPU", ds.ENCODE_BATCH_IMAGES)  # batch on the CPU too, as on CUDA
+    calls = []
+    encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x, *a, **k: calls.append(tuple(x.shape)) or encode(x, *a, **k))
+    cache = build_latent_cache(vae, d, LatentSampling.RANDOM, flips, True)
+    per_image = 2 if flips else 1
+    assert sorted(calls) == sorted([(2 * per_image, 3, 64, 96), (3 * per_image, 3, 64, 64)])  # one call per size
+    for i, (mean, std) in enumerate(reference):  # every image keeps its own latents, in dataset order
+        assert cache.mean[i].shape == mean.shape and cache.std[i].shape == std.shape
+        torch.testing.assert_close(cache.mean[i], mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.std[i], std, rtol=1e-5, atol=1e-5)
+        assert cache.weight[i].shape == (per_image, 1, d.images[i].size[1] // 8, d.images[i].size[0] // 8)
+
+
+def test_latent_cache_once_draws_the_same_samples_however_the_encode_is_batched(studio, tmp_path, monkeypatch):
+    vae = studio.pipeline.vae
+    d = _mixed_size_dataset(tmp_path)
+    monkeypatch.setattr(ds, "ENCODE_BATCH_IMAGES_CPU", ds.ENCODE_BATCH_IMAGES)
+    batched = build_latent_cache(vae, d, LatentSampling.ONCE, False, False, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(ds, "ENCODE_BATCH_PIXELS", 1)  # one image per call
+    calls = []
+    encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x, *a, **k: calls.append(x.shape[0]) or encode(x, *a, **k))
+    single = build_latent_cache(vae, d, LatentSampling.ONCE, False, False, torch.Generator().manual_seed(3))
+    assert calls == [1] * len(d)
+    for a, b in zip(batched.mean, single.mean):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampling", [LatentSampling.ONCE, LatentSampling.RANDOM])
+def test_lazy_latent_cache_encodes_a_group_on_first_use_and_equals_the_eager_one(studio, tmp_path, monkeypatch,
+                                                                                 sampling):
+    vae = studio.pipeline.vae
+    d = _mixed_size_dataset(tmp_path)  # buckets: 96x64 [0, 2], 64x64 [1, 3, 4]
+    monkeypatch.setattr(ds, "ENCODE_BATCH_IMAGES_CPU", 2)  # groups [0, 2], [1, 3], [4]
+    eager = build_latent_cache(vae, d, sampling, True, True, torch.Generator().manual_seed(5))
+    calls = []
+    encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x, *a, **k: calls.append(x.shape[0]) or encode(x, *a, **k))
+    lazy = build_latent_cache(vae, d, sampling, True, True, torch.Generator().manual_seed(5), lazy=True)
+    assert calls == [] and lazy.pending is not None  # nothing encoded before the first batch
+    g_eager, g_lazy = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for indices in ([3], [4, 1], [2], [0, 2]):
+        got, w = lazy.batch(indices, [True] * len(indices), g_lazy)
+        want, w_want = eager.batch(indices, [True] * len(indices), g_eager)
+        assert torch.equal(got, want) and torch.equal(w, w_want)  # same groups, same draws: bit for bit
+    assert calls == [4, 2, 4]  # group [1, 3] (with mirrors), then [4], then [0, 2]; each once
+    assert lazy.pending is None  # all encoded: the VAE reference is dropped
+    for a, b in zip(lazy.mean, eager.mean):
+        assert torch.equal(a, b)
 
 
 def test_batch_sampler_keeps_buckets_apart_and_covers_the_epoch():

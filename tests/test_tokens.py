@@ -187,3 +187,85 @@ def test_gradients_reach_only_the_vectors(studio):
     cond.sum().backward()
     assert used == ["twovec"] and vectors.grad is not None and vectors.grad.abs().sum() > 0
     assert all(p.grad is None for p in studio.text_encoder.parameters())
+
+
+# -- no host syncs in encode (so on CUDA the host runs ahead of the text encoder) --------------------------------
+# Reading a device value on the host (`.item()`, `bool(t)`, `torch.all(...)` in an `if`, `.tolist()`, `.cpu()`)
+# makes the host wait for everything queued on the GPU.
+HOST_READS = {"TensorBase.item", "TensorBase.__bool__", "TensorBase.tolist", "TensorBase.__float__",
+              "TensorBase.__int__", "TensorBase.cpu", "TensorBase.numpy", "_VariableFunctionsClass.all",
+              "TensorBase.all", "_VariableFunctionsClass.any", "TensorBase.any", "_VariableFunctionsClass.equal"}
+
+
+class _TorchCalls(torch.overrides.TorchFunctionMode):
+    """Records the name of every torch function and tensor method called inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("prompts", [["a photo of twovec"], ["a (twovec:1.2) photo " + "word " * 80, "short [cat]"]])
+def test_encode_reads_nothing_back_from_the_device(studio, prompts):
+    enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {"twovec": _vec(studio, 2)})
+    with torch.no_grad():
+        expected, _ = enc.encode(prompts)
+        with _TorchCalls() as calls:
+            cond, used = enc.encode(prompts)
+    assert used == ["twovec"] and torch.equal(cond, expected)
+    assert "TensorBase.index_put" in calls.names  # the recorder sees the encode's own tensor work
+    assert not HOST_READS & set(calls.names), sorted(HOST_READS & set(calls.names))
+
+
+def test_emphasis_is_decided_from_the_prompt_and_the_empty_prompt_is_tokenized_once(studio, monkeypatch):
+    import tinv_ui.tokens as tokens
+
+    enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {})
+    applied, tokenized = [], []
+    emphasis, tokenize = tokens._apply_emphasis, enc.tokenize
+    monkeypatch.setattr(tokens, "_apply_emphasis", lambda z, w: applied.append(w.shape) or emphasis(z, w))
+    monkeypatch.setattr(enc, "tokenize", lambda p: tokenized.append(p) or tokenize(p))
+    long = "word " * 80  # two chunks: the short prompt's second chunk is the empty prompt
+    with torch.no_grad():
+        enc.encode([long, "a cat"])
+        enc.encode([long, "a cat"])
+        assert applied == [] and tokenized.count("") == 1
+        enc.encode(["a (cat:1.3)"])
+    assert applied == [(1, 77)]
+
+
+@pytest.mark.gpu
+def test_encode_on_cuda_makes_no_synchronizing_call(studio):
+    """CUDA's own check: with sync debug mode "error", any blocking copy or host read inside encode raises."""
+    import copy
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    te = copy.deepcopy(studio.text_encoder).to("cuda")
+    enc = PromptEncoder(studio.tokenizer, te, {"twovec": _vec(studio, 2)})  # CPU vectors, as generation has them
+    with torch.no_grad():
+        enc.encode(["warm-up"])
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cond, _ = enc.encode(["a (twovec:1.2) photo " + "word " * 80, "short"])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert cond.is_cuda and cond.shape[:2] == (2, 154)
+
+
+def test_min_chunks_pads_with_empty_prompt_chunks(studio):
+    enc = PromptEncoder(studio.tokenizer, studio.text_encoder, {"twovec": _vec(studio, 2)})
+    with torch.no_grad():
+        plain, used = enc.encode(["a twovec photo"])
+        padded, used_padded = enc.encode(["a twovec photo"], min_chunks=3)
+        empty, _ = enc.encode([""])
+        long_prompt = "word " * 80  # already two chunks: min_chunks=2 changes nothing
+        assert torch.equal(enc.encode([long_prompt], min_chunks=2)[0], enc.encode([long_prompt])[0])
+    assert padded.shape == (1, 3 * 77, plain.shape[2]) and used_padded == used == ["twovec"]
+    assert torch.equal(padded[:, :77], plain)
+    assert torch.equal(padded[:, 77:154], empty) and torch.equal(padded[:, 154:], empty)

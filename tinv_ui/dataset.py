@@ -24,8 +24,9 @@ import random
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import regex as bounded_re  # the `regex` package: a time limit per match, and it releases the GIL meanwhile
@@ -276,15 +277,19 @@ class LatentCache:
 
     `mean[i]` is [F, 4, h, w] (F = 2 with flips, else 1); `std[i]` is kept only for `random` sampling, where a
     fresh sample `mean + std * noise` is drawn each time the image is used. `weight[i]` is [F, 1, h, w].
+    A lazy cache (`pending` set) encodes each image's group on the first batch that uses it; `fill()` the rest.
     """
 
-    mean: list[torch.Tensor]
-    std: list[torch.Tensor] | None = None
+    mean: list[torch.Tensor | None]
+    std: list[torch.Tensor | None] | None = None
     weight: list[torch.Tensor] | None = None
     flips: bool = False
+    pending: "_GroupEncoder | None" = field(default=None, repr=False)
 
     def batch(self, indices: Sequence[int], flipped: Sequence[bool], generator: torch.Generator | None = None):
         """Latents [B, 4, h, w] (float32) and weights [B, 1, h, w] (or None) for one micro-batch."""
+        if self.pending is not None:
+            self.fill(indices)
         sel = [(i, int(f and self.flips)) for i, f in zip(indices, flipped)]
         latents = torch.stack([self.mean[i][f] for i, f in sel])
         if self.std is not None:
@@ -294,37 +299,113 @@ class LatentCache:
         weights = torch.stack([self.weight[i][f] for i, f in sel]) if self.weight is not None else None
         return latents, weights
 
+    def fill(self, indices: Sequence[int] | None = None) -> None:
+        """Encode the groups of `indices` (None: every image) that are not encoded yet."""
+        if self.pending is not None:
+            self.pending.encode(self, range(len(self.mean)) if indices is None else indices)
+            if all(m is not None for m in self.mean):
+                self.pending = None  # drops the VAE reference
 
-def _encode_one(vae, img: Image.Image, flips: bool, device, dtype):
-    """Posterior mean and std [F, 4, h, w] (float32, scaled) of an image and, with flips, its mirror."""
-    x = pixels_to_tensor(img)[None]
+
+# Images per VAE call, for 512 x 512 images (smaller ones pack more, larger fewer): batching the encode makes
+# the latent cache several times faster than one image per call, while the activations of one call stay small
+# (the encoder's widest layer is 128 channels at full resolution: ~0.5 GiB per 512 px image in fp32).
+ENCODE_BATCH_PIXELS = 8 * 512 * 512
+ENCODE_BATCH_IMAGES = 8  # and at most this many images, so a lazy cache's first step encodes few of them
+# On the CPU a batch costs the same per image as single encodes (compute-bound): one image per call there, so a
+# lazy cache encodes just the images each step uses (what diffusers' script does every step).
+ENCODE_BATCH_IMAGES_CPU = 1
+
+
+def _encode_batch(vae, imgs: Sequence[Image.Image], flips: bool, device, dtype):
+    """Posterior mean and std [N, F, 4, h, w] (float32, scaled) of same-size images and, with flips, mirrors."""
+    x = torch.stack([pixels_to_tensor(img) for img in imgs])  # [N, 3, H, W]
     if flips:
-        x = torch.cat([x, x.flip(-1)])
+        x = torch.stack([x, x.flip(-1)], 1).flatten(0, 1)  # image, mirror, image, mirror, ...
     dist = vae.encode(x.to(device, dtype)).latent_dist
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    return (dist.mean.float() - shift) * scale, dist.std.float() * scale
+    mean, std = (dist.mean.float() - shift) * scale, dist.std.float() * scale
+    per_image = 2 if flips else 1
+    return mean.unflatten(0, (len(imgs), per_image)), std.unflatten(0, (len(imgs), per_image))
+
+
+def _encode_groups(dataset: Dataset, flips: bool, device: torch.device) -> list[list[int]]:
+    """Image indices in VAE calls: same-size images together, at most ENCODE_BATCH_PIXELS per call.
+
+    The groups depend on the dataset only, never on the order images are first used, so a lazy cache holds
+    exactly the latents an eager one does (a resumed run sees the same values bit for bit).
+    """
+    groups = []
+    most = ENCODE_BATCH_IMAGES_CPU if device.type == "cpu" else ENCODE_BATCH_IMAGES
+    for (w, h), members in dataset.buckets.items():
+        per_call = max(1, min(most, ENCODE_BATCH_PIXELS // (w * h * (2 if flips else 1))))
+        groups += [members[start : start + per_call] for start in range(0, len(members), per_call)]
+    return groups
+
+
+@dataclass
+class _GroupEncoder:
+    """What a lazy `LatentCache` needs to encode a group later: the VAE, the images, the fixed noise."""
+
+    vae: Any
+    dataset: Dataset
+    flips: bool
+    sampling: LatentSampling
+    noise: list[torch.Tensor] | None  # `once` sampling: each image's posterior draw, made up front in order
+    groups: list[list[int]]
+    group_of: dict[int, int]
+
+    def encode(self, cache: LatentCache, indices) -> None:
+        device, dtype = next(self.vae.parameters()).device, next(self.vae.parameters()).dtype
+        for g in dict.fromkeys(self.group_of[i] for i in indices if cache.mean[i] is None):
+            group = self.groups[g]
+            with torch.no_grad():
+                mean, std = _encode_batch(self.vae, [self.dataset.images[i].image for i in group], self.flips,
+                                          device, dtype)
+            for k, i in enumerate(group):
+                m = mean[k]
+                if self.sampling == LatentSampling.ONCE:  # one posterior sample per image, fixed for the run
+                    m = m + std[k] * self.noise[i]
+                cache.mean[i] = m
+                if cache.std is not None:
+                    cache.std[i] = std[k]
 
 
 @torch.no_grad()
 def build_latent_cache(
-    vae, dataset: Dataset, sampling: LatentSampling, flips: bool, use_alpha: bool, generator: torch.Generator | None = None
+    vae, dataset: Dataset, sampling: LatentSampling, flips: bool, use_alpha: bool,
+    generator: torch.Generator | None = None, lazy: bool = False,
 ) -> LatentCache:
-    """Encode every image (and its mirror with `flips`) once; see `LatentSampling` for the three methods."""
-    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    """Encode every image (and its mirror with `flips`) once; see `LatentSampling` for the three methods.
+
+    Same-size images share VAE calls; the encoder treats each image of a batch on its own (group norm is
+    per sample), so the latents equal a one-image-per-call encode up to float rounding. `lazy`: encode each
+    group when a batch first uses it, so training starts after one group instead of the whole folder (the
+    seeded `once` draws are still made here, in dataset order: the values do not depend on `lazy`).
+    """
+    device = next(vae.parameters()).device
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    means, stds, weights = [], [], []
-    for item in dataset.images:
-        mean, std = _encode_one(vae, item.image, flips, device, dtype)
-        if sampling == LatentSampling.ONCE:  # one posterior sample per image, fixed for the run
-            mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
-        means.append(mean)
-        stds.append(std)
-        if use_alpha:
+    channels = int(getattr(vae.config, "latent_channels", 4))
+    per_image = 2 if flips else 1
+    noise = None
+    if sampling == LatentSampling.ONCE:
+        noise = [torch.randn((per_image, channels, item.size[1] // factor, item.size[0] // factor),
+                             generator=generator, device=device) for item in dataset.images]
+    weights = []
+    if use_alpha:
+        for item in dataset.images:
             w = alpha_weight(item.alpha, (item.size[0] // factor, item.size[1] // factor)).to(device)
             weights.append(torch.stack([w, w.flip(-1)]) if flips else w[None])
-    random_sampling = sampling == LatentSampling.RANDOM
-    return LatentCache(means, stds if random_sampling else None, weights if use_alpha else None, flips)
+    groups = _encode_groups(dataset, flips, device)
+    n = len(dataset.images)
+    cache = LatentCache([None] * n, [None] * n if sampling == LatentSampling.RANDOM else None,
+                        weights if use_alpha else None, flips)
+    cache.pending = _GroupEncoder(vae, dataset, flips, sampling, noise, groups,
+                                  {i: g for g, members in enumerate(groups) for i in members})
+    if not lazy:
+        cache.fill()
+    return cache
 
 
 # -- batches -------------------------------------------------------------------------------------------------

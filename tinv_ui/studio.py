@@ -84,7 +84,8 @@ class Studio:
             t0 = time.perf_counter()
             device, dtype = pick_device_dtype(spec)
             pipe, info = self._load_pipeline(spec)
-            self._release()
+            if self._pipe is not None:  # a full gc.collect() is ~0.5 s at start-up, with nothing to free
+                self._release()
             try:
                 # Frozen UNet/VAE in half precision on GPU; the text encoder stays fp32 (it is small, and the
                 # trained vectors' gradients flow through it). Nothing here ever gets weight gradients.

@@ -221,26 +221,53 @@ def _apply_emphasis(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return z * torch.where(usable, mean_before / torch.where(usable, mean_after, 1.0), 1.0)
 
 
+def _to_device(data, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor of Python values (or a CPU tensor) on `device` without waiting for the copy.
+
+    `torch.tensor(..., device="cuda")` copies from pageable memory and blocks the host until the GPU has run
+    everything queued before it; from pinned memory with `non_blocking` the host queues the copy and goes on
+    (the caching host allocator keeps the pinned buffer alive until the copy is done).
+    """
+    t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class PromptEncoder:
-    """Encodes prompts to conditioning with the given embeddings (`name -> [n, d] tensor`)."""
+    """Encodes prompts to conditioning with the given embeddings (`name -> [n, d] tensor`).
+
+    `encode` never reads a device value back to the host: every decision (chunks, splice slots, whether any
+    emphasis applies) is made from the Python token lists, so on CUDA the host queues the text encoder and
+    runs ahead (into the UNet, during training) instead of waiting for it.
+    """
 
     def __init__(self, tokenizer, text_encoder, vectors: Mapping[str, torch.Tensor]) -> None:
         self.text_encoder = text_encoder
         self.vectors = dict(vectors)
         self.tokenize = PromptTokenizer(tokenizer, {k: int(v.shape[0]) for k, v in self.vectors.items()})
+        self._empty: TokenizedPrompt | None = None  # the padding chunk, tokenized on first use
 
-    def encode(self, prompts: list[str], clip_skip: int = 1, max_chunks: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    @property
+    def empty(self) -> TokenizedPrompt:
+        """The empty prompt, which fills the chunks a shorter prompt lacks."""
+        if self._empty is None:
+            self._empty = self.tokenize("")
+        return self._empty
+
+    def encode(self, prompts: list[str], clip_skip: int = 1, max_chunks: int | None = None,
+               min_chunks: int = 1) -> tuple[torch.Tensor, list[str]]:
         """Conditioning `[B, 77*chunks, d]` for `prompts` (all padded to the same chunk count) and the
-        embedding names used. `max_chunks=1` truncates to one chunk, as training does."""
+        embedding names used. `max_chunks=1` truncates to one chunk; `min_chunks` pads with empty-prompt
+        chunks up to that count (a compiled UNet keeps one shape when captions vary in length)."""
         toks = [self.tokenize(p) for p in prompts]
-        n_chunks = max(len(t.ids) for t in toks)
+        n_chunks = max(min_chunks, *(len(t.ids) for t in toks))
         if max_chunks is not None:
             n_chunks = min(n_chunks, max_chunks)
-        empty = self.tokenize("")
         ids, weights, rows, pos, names = [], [], [], [], []
         for b, t in enumerate(toks):
             for c in range(n_chunks):
-                src = t if c < len(t.ids) else empty
+                src = t if c < len(t.ids) else self.empty
                 cc = c if c < len(t.ids) else 0
                 ids.append(src.ids[cc])
                 weights.append(src.weights[cc])
@@ -250,19 +277,20 @@ class PromptEncoder:
                         pos.append(p)
                         names.append(name)
         used = [n for t in toks for n in t.used]
+        emphasis = any(w != 1.0 for row in weights for w in row)  # decided here, not by reading `w` back
         device = self.text_encoder.device
-        ids_t = torch.tensor(ids, device=device)
+        ids_t = _to_device(ids, device)
+        w = _to_device(weights, device, torch.float32) if emphasis else None
         with spliced(self.text_encoder) as splice:
             if rows:
-                splice.fixes = self._fixes(rows, pos, names, ids_t.shape[1], device)
+                splice.fixes = self._fixes(rows, pos, names, len(ids[0]), device)
             out = self.text_encoder(ids_t, output_hidden_states=clip_skip > 1)
             if clip_skip > 1:
                 z = _text_model(self.text_encoder).final_layer_norm(out.hidden_states[-clip_skip])
             else:
                 z = out[0]
-        w = torch.tensor(weights, device=device, dtype=z.dtype)
-        if not torch.all(w == 1):
-            z = _apply_emphasis(z, w)
+        if w is not None:
+            z = _apply_emphasis(z, w.to(z.dtype))
         z = z.reshape(len(prompts), n_chunks * z.shape[1], z.shape[2])
         return z, list(dict.fromkeys(used))
 
@@ -274,5 +302,5 @@ class PromptEncoder:
             r_idx += [r] * n
             p_idx += range(p, p + n)
             vecs.append(v[:n])
-        vectors = torch.cat([v.to(device) for v in vecs])
-        return torch.tensor(r_idx, device=device), torch.tensor(p_idx, device=device), vectors
+        vectors = torch.cat([_to_device(v, device) for v in vecs])
+        return _to_device(r_idx, device), _to_device(p_idx, device), vectors

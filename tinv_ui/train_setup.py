@@ -31,7 +31,7 @@ from .studio import Studio
 from .templates import PromptBuilder, Template, load_template
 from .tokens import PromptEncoder, PromptTokenizer
 from .train_outputs import RESUME_KEY, LossLog
-from .train_speed import amp_dtype, memory_format
+from .train_speed import amp_dtype, memory_format, vae_offload_wanted
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +340,7 @@ class Run:
     last_finite_vectors: torch.Tensor  # what the NaN guard puts back (a buffer copied into, not a new clone)
     accelerator: Any = None
     vae_hook: Any = None
+    chunks: int = 1  # conditioning padded to this many 77-token chunks: the longest prompt's when compiled
     step: int = 0  # optimizer steps completed, counting the runs before this one (the embedding's `step`)
     notes: tuple[str, ...] = ()
     started: float = field(default_factory=time.perf_counter)
@@ -379,9 +380,11 @@ def prepare(studio: Studio, plan: Plan, unet, optimizer_for, accelerator) -> Run
         raise TrainingError(f"the model predicts {noise_scheduler.config.prediction_type!r}; only epsilon and "
                             "v_prediction models can be trained.")
     # The cache draws from `generator` (latent sampling "once"), so a resumed run rebuilds it from the seed
-    # first, then continues the saved generator state.
+    # first, then continues the saved generator state. It is lazy (each image group encoded when a batch first
+    # uses it, so the first step comes after one group, not the whole folder) unless the VAE will be kept in
+    # RAM between steps.
     latents = build_latent_cache(studio.pipeline.vae, plan.dataset, cfg.latent_sampling, cfg.flip,
-                                 cfg.use_alpha_weight, generator)
+                                 cfg.use_alpha_weight, generator, lazy=not vae_offload_wanted(device))
     vectors = nn.Parameter(plan.embedding.vectors.to(device, torch.float32).clone())
     others = {k: v.to(device) for k, v in plan.others.items()}
     amp = amp_dtype(studio)
@@ -393,10 +396,11 @@ def prepare(studio: Studio, plan: Plan, unet, optimizer_for, accelerator) -> Run
                   f"{sampler.batch_size}.",)
     main = accelerator is None or accelerator.is_main_process
     plan.out_dir.mkdir(parents=True, exist_ok=True)
+    encoder = PromptEncoder(studio.tokenizer, studio.text_encoder, {**others, plan.name: vectors})
     return Run(
         studio=studio, plan=plan, vectors=vectors, optimizer=optimizer_for(plan, vectors),
         scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),  # fp16 only; bf16 needs none
-        encoder=PromptEncoder(studio.tokenizer, studio.text_encoder, {**others, plan.name: vectors}),
+        encoder=encoder, chunks=longest_prompt_chunks(plan, encoder) if unet is not studio.pipeline.unet else 1,
         unet=unet, base_unet=studio.pipeline.unet, unet_dtype=studio.pipeline.unet.dtype,
         noise_scheduler=noise_scheduler, latents=latents, data_order=data_order, generator=generator,
         amp_dtype=amp, memory_format=memory_format(device),
@@ -405,6 +409,16 @@ def prepare(studio: Studio, plan: Plan, unet, optimizer_for, accelerator) -> Run
         if main and cfg.write_csv_every else None,
         last_finite_vectors=vectors.detach().clone(), accelerator=accelerator, step=plan.initial_step, notes=notes,
     )
+
+
+def longest_prompt_chunks(plan: Plan, encoder: PromptEncoder) -> int:
+    """77-token chunks of the longest prompt the run can build (every template line with every full caption).
+
+    A compiled UNet (static shapes) gets every micro-batch padded to this count: a caption over 75 tokens
+    would otherwise change the conditioning's length and recompile the UNet for each new length.
+    """
+    captions = dict.fromkeys(item.caption for item in plan.dataset.images)
+    return max(len(encoder.tokenize(p).ids) for caption in captions for p in plan.prompts.every_line(caption))
 
 
 def _restore_order(plan: Plan, data_order: DataOrder, generator: torch.Generator, processes: int) -> tuple[str, ...]:

@@ -173,7 +173,8 @@ def optimizer_step(run: Run, lr: float, clip: float | None) -> tuple[float, floa
             batch = _next_batch(run)
             first_prompt = first_prompt or batch.prompts[0]
             with torch.autocast(run.vectors.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-                cond, _ = run.encoder.encode(batch.prompts)  # every chunk: a long caption must not cut off [name]
+                # every chunk: a long caption must not cut off [name]; compiled: always run.chunks chunks
+                cond, _ = run.encoder.encode(batch.prompts, min_chunks=run.chunks)
                 loss = diffusion_loss(run.unet, run.noise_scheduler, batch.latents, cond, batch.weights, run.generator,
                                       memory_format=run.memory_format, dtype=run.unet_dtype) / accumulation
             run.scaler.scale(loss).backward()
