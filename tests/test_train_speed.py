@@ -42,3 +42,37 @@ def test_adamw_is_fused_on_cuda_only():
     assert train_speed.adamw_speed_options(torch.device("cuda", 0)) == {"fused": True}
     vectors = torch.nn.Parameter(torch.zeros(2, 4))
     torch.optim.AdamW([vectors], lr=0.1, **train_speed.adamw_speed_options(vectors.device))  # the CPU path builds
+
+
+def test_the_trainer_syncs_with_the_host_once_per_step_and_clones_nothing(studio, paths, images, monkeypatch):
+    """Between two Step events the trainer's own code reads one value set back from the device (loss and the
+    vectors' magnitude together, for the NaN guard) and allocates no copy of the vectors."""
+    import sys
+    from pathlib import Path
+
+    from tinv_ui.config import CreateConfig
+    from tinv_ui.create import create_embedding
+    from tinv_ui.events import Step
+    from tinv_ui.library import EmbeddingLibrary
+    from tinv_ui.training import train
+
+    own = {"training.py", "train_setup.py", "train_outputs.py", "train_speed.py"}
+    calls: list[str] = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy", "clone"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            if Path(sys._getframe(1).f_code.co_filename).name in own:
+                calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    create_embedding(studio, CreateConfig(name="syncs", num_vectors=2), paths.embeddings_dir)
+    cfg = TrainConfig(embedding="syncs", dataset_dir=str(images), template="subject", max_steps=4, width=64, height=64,
+                      save_every=0, preview_every=0, seed=1, gradient_accumulation=2)
+    per_step = []
+    for event in train(studio, cfg, EmbeddingLibrary(paths.embeddings_dir), paths):
+        if isinstance(event, Step):
+            per_step.append(list(calls))
+        calls.clear()
+    assert per_step == [["tolist"]] * 4
