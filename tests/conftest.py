@@ -69,3 +69,14 @@ def images(tmp_path) -> Path:
     folder = tmp_path / "dataset"
     write_images(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def sdxl_studio(cache_dir):
+    """A Studio with the tiny SDXL model loaded, shared by the session. Tests must leave it as they found it."""
+    from tinv_ui.studio import Studio
+    from tinv_ui.tiny_model import TINY_SDXL
+
+    s = Studio(Paths(cache_dir=cache_dir))
+    s.load(ModelSpec(TINY_SDXL))
+    return s

@@ -68,7 +68,7 @@ SAMPLERS = ("Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC", 
 class ModelSpec:
     """Which model to load: the built-in tiny test model, a diffusers folder, a single-file checkpoint or a hub id."""
 
-    source: str = knob("tiny", "'tiny' (random weights, for tests), a diffusers folder, a .safetensors/.ckpt file, or a hub id.")
+    source: str = knob("tiny", "'tiny' or 'tiny-sdxl' (random weights, for tests), a diffusers folder, a .safetensors/.ckpt file, or a hub id.")
     device: str | None = knob(None, "cuda, cpu, ...; default: cuda if available, else cpu.")
     dtype: str | None = knob(None, "float16, bfloat16 or float32; default: bf16/fp16 on CUDA, fp32 on CPU.")
 

@@ -12,7 +12,7 @@ import gradio as gr
 from ..config import ModelSpec
 from ..errors import BusyError, ModelLoadError
 from ..studio import list_models
-from ..tiny_model import TINY_LABEL
+from ..tiny_model import TINY_LABEL, TINY_SDXL, TINY_SDXL_LABEL
 from .context import UIContext
 from .errors import user_errors
 
@@ -30,12 +30,12 @@ class ModelPicker:
 
 
 def model_choices(ctx: UIContext) -> list[tuple[str, str]]:
-    """(label, value) pairs: every checkpoint/diffusers folder in models/, then the tiny test model."""
+    """(label, value) pairs: every checkpoint/diffusers folder in models/, then the tiny test models."""
     choices = [(name, name) for name in list_models(ctx.paths.models_dir)]
     current = current_source(ctx)
     if current and current != TINY and current not in {v for _, v in choices}:
         choices.insert(0, (current, current))  # loaded from a path or hub id outside models/
-    return choices + [(TINY_LABEL, TINY)]
+    return choices + [(TINY_LABEL, TINY), (TINY_SDXL_LABEL, TINY_SDXL)]
 
 
 def current_source(ctx: UIContext) -> str | None:
@@ -82,7 +82,7 @@ def loading_message(ctx: UIContext, source: str | None) -> str:
     """What the status line says the moment Load is pressed (a checkpoint can take a minute to load)."""
     if not source or ctx.training_running():
         return model_status(ctx)  # the load itself refuses with the reason
-    label = TINY_LABEL if source == TINY else source
+    label = {TINY: TINY_LABEL, TINY_SDXL: TINY_SDXL_LABEL}.get(source, source)
     return f"Loading **{label}**… a checkpoint can take a minute; the current model stays loaded if this fails."
 
 
