@@ -31,3 +31,23 @@ def test_tiny_sdxl_is_an_sdxl_pipeline(sdxl_studio):
 
 def test_sd_model_is_not_sdxl(studio):
     assert not studio.is_sdxl and studio.embedding_width == 32
+
+
+# -- fp16: the SDXL VAE is decoded in fp32 (force_upcast) ---------------------------------------------------------
+def test_fp16_sdxl_decodes_in_fp32_never_black(cache_dir):
+    """The real SDXL VAE overflows fp16 (inf → NaN → a black image). The tiny VAE is made to overflow the same
+    way (its first decoder conv scaled up; the GroupNorm after it undoes the scale in fp32)."""
+    from tinv_ui.generation import render
+    from tinv_ui.studio import Studio
+
+    studio = Studio(Paths(cache_dir=cache_dir))
+    studio.load(ModelSpec(TINY_SDXL, dtype="float16"))
+    pipe = studio.pipeline
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+    with torch.no_grad():
+        pipe.vae.decoder.conv_in.weight.mul_(1e5)
+        pipe.vae.decoder.conv_in.bias.mul_(1e5)
+    with studio.session():
+        image = render(studio, GenerateConfig(prompt="a cat", width=64, height=64, steps=2, seed=3), {})[0].image
+    pixels = np.asarray(image, dtype=np.float32)
+    assert pixels.std() > 5 and pixels.mean() > 5  # a NaN decode comes out as a flat black image
