@@ -51,3 +51,66 @@ def test_fp16_sdxl_decodes_in_fp32_never_black(cache_dir):
         image = render(studio, GenerateConfig(prompt="a cat", width=64, height=64, steps=2, seed=3), {})[0].image
     pixels = np.asarray(image, dtype=np.float32)
     assert pixels.std() > 5 and pixels.mean() > 5  # a NaN decode comes out as a flat black image
+
+
+# -- embeddings: create pairs, save them, tell families apart -------------------------------------------------
+def test_create_sdxl_pair_from_both_token_tables(sdxl_studio, paths):
+    from safetensors import safe_open
+
+    from tinv_ui.config import CreateConfig
+    from tinv_ui.create import create_embedding
+
+    path = create_embedding(sdxl_studio, CreateConfig(name="xl-style", initializer="cat dog", num_vectors=3),
+                            paths.embeddings_dir)
+    assert path.name == "xl-style.safetensors"  # the `auto` format for SDXL
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l"]
+        got = {k: f.get_tensor(k) for k in f.keys()}
+    pipe = sdxl_studio.pipeline
+    rows = [2368, 2368, 1929]  # "cat", "dog": vector i copies token floor(i * 2 / 3)
+    want_l = pipe.text_encoder.get_input_embeddings().weight[rows].detach()
+    want_g = pipe.text_encoder_2.get_input_embeddings().weight[rows].detach()
+    assert got["clip_l"].shape == (3, TINY_SDXL_WIDTHS[0]) and torch.equal(got["clip_l"], want_l)
+    assert got["clip_g"].shape == (3, TINY_SDXL_WIDTHS[1]) and torch.equal(got["clip_g"], want_g)
+
+
+def test_create_sdxl_zero_pair_as_pt_holds_only_the_two_tensors(sdxl_studio, paths):
+    from tinv_ui.config import CreateConfig
+    from tinv_ui.create import create_embedding
+
+    path = create_embedding(sdxl_studio, CreateConfig(name="zero", initializer="", num_vectors=2, file_format="pt"),
+                            paths.embeddings_dir)
+    data = torch.load(path, weights_only=True)
+    assert sorted(data) == ["clip_g", "clip_l"]
+    assert torch.equal(data["clip_l"], torch.zeros(2, 32)) and torch.equal(data["clip_g"], torch.zeros(2, 64))
+
+
+def _two_families(folder):
+    from tinv_ui import formats
+    from tinv_ui.embedding import Embedding
+
+    formats.write(Embedding("sd-one", torch.randn(2, 32)), folder / "sd-one.pt")
+    formats.write(Embedding("xl-one", parts={"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 64)}),
+                  folder / "xl-one.safetensors")
+    formats.write(Embedding("xl-big", parts={"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}),
+                  folder / "xl-big.safetensors")
+
+
+def test_library_tells_sd_and_sdxl_embeddings_apart(sdxl_studio, studio, paths):
+    from tinv_ui.library import EmbeddingLibrary
+
+    _two_families(paths.embeddings_dir)
+    library = EmbeddingLibrary(paths.embeddings_dir)
+    library.refresh(expected_width=sdxl_studio.embedding_width, tokenizer=sdxl_studio.tokenizer,
+                    expected_parts=sdxl_studio.embedding_parts)
+    assert library.names() == ["xl-one"]
+    reasons = {s.name: s.reason for s in library.skipped}
+    assert "SD 1.x/2.x embedding" in reasons["sd-one"] and "loaded SDXL model" in reasons["sd-one"]
+    assert "768 + 1280 wide" in reasons["xl-big"] and "needs 32 + 64" in reasons["xl-big"]
+
+    library.refresh(expected_width=studio.embedding_width, tokenizer=studio.tokenizer,
+                    expected_parts=studio.embedding_parts)
+    assert library.names() == ["sd-one"]
+    reasons = {s.name: s.reason for s in library.skipped}
+    assert reasons["xl-one"].startswith("an SDXL embedding (clip_l + clip_g, width 96) does not fit the loaded 32")
+    assert "load an SDXL model" in reasons["xl-big"]

@@ -116,9 +116,10 @@ def _library(args: argparse.Namespace, studio=None, width: int | None = None, to
     from .library import EmbeddingLibrary
 
     library = EmbeddingLibrary(args.embeddings_dir)
+    parts = None
     if studio is not None:
-        width, tokenizer = studio.embedding_width, studio.tokenizer
-    library.refresh(expected_width=width, tokenizer=tokenizer)
+        width, tokenizer, parts = studio.embedding_width, studio.tokenizer, studio.embedding_parts
+    library.refresh(expected_width=width, tokenizer=tokenizer, expected_parts=parts)
     return library
 
 

@@ -295,7 +295,8 @@ def generate(studio, cfg: GenerateConfig, library, paths: Paths) -> Iterator[Ste
     running training interleaves (it takes the lock per optimizer step) instead of failing either side.
     """
     # 1. Rescan the embeddings folder: files dropped in since the last request are used without a restart.
-    library.refresh(expected_width=studio.embedding_width, tokenizer=studio.tokenizer)
+    library.refresh(expected_width=studio.embedding_width, tokenizer=studio.tokenizer,
+                    expected_parts=studio.embedding_parts)
     vectors = sdxl.library_pairs(library) if studio.is_sdxl else library.vectors()
     hashes = library.hashes()
     base_seed = resolve_seed(cfg.seed)

@@ -183,6 +183,12 @@ class Studio:
         return sum(sdxl.token_widths(self.pipeline))
 
     @property
+    def embedding_parts(self) -> tuple[int, int] | None:
+        """SDXL: the (clip_l, clip_g) widths an embedding pair needs, (768, 1280); None for SD 1.x/2.x."""
+        widths = sdxl.token_widths(self.pipeline)
+        return (widths[0], widths[1]) if len(widths) == 2 else None
+
+    @property
     def is_sdxl(self) -> bool:
         """True when the loaded model is SDXL-architecture (two text encoders, `text_time` conditioning)."""
         return self.loaded and sdxl.is_sdxl(self.pipeline)

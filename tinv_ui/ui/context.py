@@ -30,7 +30,8 @@ class UIContext:
         if not self.studio.loaded:
             return self.library.refresh(force=force)
         # The same width/tokenizer as `generation.generate` passes, so neither caller forces a rebuild.
-        return self.library.refresh(expected_width=self.studio.embedding_width, tokenizer=self.studio.tokenizer, force=force)
+        return self.library.refresh(expected_width=self.studio.embedding_width, tokenizer=self.studio.tokenizer, force=force,
+                                    expected_parts=self.studio.embedding_parts)
 
     def embedding_names(self) -> list[str]:
         return list(self.library.names())
