@@ -114,3 +114,105 @@ def test_library_tells_sd_and_sdxl_embeddings_apart(sdxl_studio, studio, paths):
     reasons = {s.name: s.reason for s in library.skipped}
     assert reasons["xl-one"].startswith("an SDXL embedding (clip_l + clip_g, width 96) does not fit the loaded 32")
     assert "load an SDXL model" in reasons["xl-big"]
+
+
+# -- prompts → SDXL conditioning --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fresh_sdxl_pipe(cache_dir):
+    """A private tiny SDXL pipeline (diffusers' load_textual_inversion changes its tokenizers and tables)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from tinv_ui.tiny_model import tiny_sdxl_model_dir
+
+    return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model_dir(cache_dir), local_files_only=True)
+
+
+def test_plain_prompt_matches_diffusers_encode_prompt(sdxl_studio):
+    from tinv_ui.sdxl import conditioning
+
+    pipe = sdxl_studio.pipeline
+    with torch.no_grad():
+        cond, uncond, pooled, neg_pooled, _ = conditioning(pipe, "a photo of a cat", "", 1, {}, torch.float32)
+        want, want_neg, want_pooled, want_neg_pooled = pipe.encode_prompt("a photo of a cat", device="cpu",
+                                                                          do_classifier_free_guidance=True)
+    assert cond.shape == (1, 77, sum(TINY_SDXL_WIDTHS))
+    assert torch.allclose(cond, want, atol=1e-6) and torch.allclose(pooled, want_pooled, atol=1e-6)
+    # an empty negative prompt is all zeros (A1111's force_zero_negative_prompt, diffusers' force_zeros_for_empty_prompt)
+    assert torch.equal(uncond, want_neg) and torch.equal(neg_pooled, want_neg_pooled) and not uncond.any()
+
+
+def test_pair_file_matches_diffusers_load_textual_inversion(sdxl_studio, fresh_sdxl_pipe, paths):
+    """Our splice of a clip_l/clip_g file gives what diffusers' documented SDXL call gives for the same file."""
+    from safetensors.torch import load_file
+
+    from tinv_ui.config import CreateConfig
+    from tinv_ui.create import create_embedding
+    from tinv_ui.sdxl import SDXLPromptEncoder
+
+    path = create_embedding(sdxl_studio, CreateConfig(name="xlstyle", initializer="sunset glow", num_vectors=3),
+                            paths.embeddings_dir)
+    state_dict = load_file(path)
+    pipe = fresh_sdxl_pipe
+    pipe.load_textual_inversion(state_dict["clip_l"], token="<xlstyle>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state_dict["clip_g"], token="<xlstyle>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    with torch.no_grad():
+        want, _, want_pooled, _ = pipe.encode_prompt("a <xlstyle> house", device="cpu",
+                                                     do_classifier_free_guidance=False)
+        got, pooled, used = SDXLPromptEncoder(sdxl_studio.pipeline, {"xlstyle": state_dict}).encode(["a xlstyle house"])
+    assert used == ["xlstyle"]
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(pooled, want_pooled, atol=1e-5)
+
+
+def test_a1111_prompt_semantics_break_emphasis_and_first_chunk_pooled(sdxl_studio):
+    from tinv_ui.sdxl import SDXLPromptEncoder
+
+    encoder = SDXLPromptEncoder(sdxl_studio.pipeline, {})
+    with torch.no_grad():
+        two, pooled_two, _ = encoder.encode(["a red cat BREAK a blue dog"])
+        first, pooled_first, _ = encoder.encode(["a red cat"])
+        second, _, _ = encoder.encode(["a blue dog"])
+        weighted, pooled_weighted, _ = encoder.encode(["a red (cat:1.5)"])
+        long, _, _ = encoder.encode([" ".join(["cat"] * 76)])
+    assert two.shape == (1, 154, 96) and long.shape == (1, 154, 96)  # BREAK and 76 tokens: two 75-token chunks
+    assert torch.allclose(two[:, :77], first, atol=1e-6) and torch.allclose(two[:, 77:], second, atol=1e-6)
+    assert torch.allclose(pooled_two, pooled_first, atol=1e-6)  # the pooled output comes from the first chunk
+    assert not torch.allclose(weighted, first) and torch.allclose(pooled_weighted, pooled_first, atol=1e-6)
+
+
+# -- generation ---------------------------------------------------------------------------------------------
+def test_generate_sdxl_with_a_pair_time_ids_and_infotext(sdxl_studio, paths):
+    from tinv_ui.config import CreateConfig
+    from tinv_ui.create import create_embedding
+    from tinv_ui.events import Generated
+    from tinv_ui.generation import generate
+    from tinv_ui.library import EmbeddingLibrary
+    from tinv_ui.sdxl import SDXLPromptEncoder
+
+    create_embedding(sdxl_studio, CreateConfig(name="xlgen", initializer="gold", num_vectors=2), paths.embeddings_dir)
+    library = EmbeddingLibrary(paths.embeddings_dir)
+    seen = []
+
+    def capture(module, args, kwargs):
+        seen.append(kwargs["added_cond_kwargs"])
+
+    cfg = GenerateConfig(prompt="a xlgen house", width=128, height=64, steps=2, seed=5, batch_size=1)
+    handle = sdxl_studio.pipeline.unet.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        events = list(generate(sdxl_studio, cfg, library, paths))
+    finally:
+        handle.remove()
+    (done,) = [e for e in events if isinstance(e, Generated)]
+    assert done.images[0].size == (128, 64)
+    text = done.infotexts[0]
+    assert f"TI hashes: \"xlgen: {library.get('xlgen').shorthash}\"" in text and "Size: 128x64" in text
+    ids = seen[0]["time_ids"]  # original (h, w), crop top-left (0, 0), target (h, w); uncond and cond rows
+    assert ids.tolist() == [[64, 128, 0, 0, 64, 128]] * 2
+    with torch.no_grad():
+        _, pooled, _ = SDXLPromptEncoder(sdxl_studio.pipeline, {"xlgen": library.get("xlgen").embedding.parts}).encode(
+            ["a xlgen house"])
+    assert not seen[0]["text_embeds"][0].any()  # empty negative prompt: zero pooled vector
+    assert torch.allclose(seen[0]["text_embeds"][1], pooled[0], atol=1e-6)
+    pixels = np.asarray(done.images[0], dtype=np.float32)
+    assert pixels.std() > 1
