@@ -216,3 +216,36 @@ def test_generate_sdxl_with_a_pair_time_ids_and_infotext(sdxl_studio, paths):
     assert torch.allclose(seen[0]["text_embeds"][1], pooled[0], atol=1e-6)
     pixels = np.asarray(done.images[0], dtype=np.float32)
     assert pixels.std() > 1
+
+
+# -- the UI and training with an SDXL model -----------------------------------------------------------------
+def test_model_picker_shows_sdxl_family_and_sizes_follow(paths):
+    from tinv_ui.library import EmbeddingLibrary
+    from tinv_ui.studio import Studio
+    from tinv_ui.ui.context import UIContext
+    from tinv_ui.ui.model_picker import load_model
+
+    class Runner:
+        current = None
+
+    ctx = UIContext(Studio(paths), EmbeddingLibrary(paths.embeddings_dir), Runner(), paths)
+    status = load_model(ctx, TINY_SDXL)
+    assert "tiny SDXL test model (random weights)" in status and "embeddings SDXL (32 + 64)" in status
+    assert "native 128px" in status and ctx.native_resolution == TINY_SDXL_RESOLUTION
+
+
+def test_training_an_sdxl_model_is_refused_with_a_message(sdxl_studio, paths, images):
+    from tinv_ui.config import TrainConfig
+    from tinv_ui.errors import TrainingError
+    from tinv_ui.jobs import TrainingRunner
+    from tinv_ui.library import EmbeddingLibrary
+    from tinv_ui.training import preflight
+
+    cfg = TrainConfig(embedding="anything", dataset_dir=str(images), max_steps=2)
+    library = EmbeddingLibrary(paths.embeddings_dir)
+    runner = TrainingRunner(sdxl_studio, library, paths)
+    with pytest.raises(TrainingError, match="^training SDXL embeddings is not available yet"):
+        runner.start(cfg)
+    assert runner.current is None
+    with pytest.raises(TrainingError, match="^training SDXL embeddings is not available yet"):
+        preflight(sdxl_studio, cfg, library, paths)

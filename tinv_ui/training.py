@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, formats
+from . import __version__, formats, sdxl
 from .config import ClipGrad, GenerateConfig, Paths, TrainConfig
 from .dataset import BucketBatchSampler, Dataset, LatentCache, build_latent_cache, load_dataset
 from .embedding import Embedding
@@ -280,6 +280,7 @@ def _check_disk(cfg: TrainConfig, emb: Embedding, out_dir: Path, final_path: Pat
 
 def preflight(studio, cfg: TrainConfig, library, paths: Paths) -> _Plan:
     """Run every check that can fail before touching the GPU; returns what the run needs."""
+    sdxl.check_trainable(studio)
     emb, path = _find_embedding(studio, cfg, library)
     _check_steps(cfg, emb)
     lr = parse_schedule(cfg.learn_rate, cfg.max_steps, emb.step or 0, "learn_rate")

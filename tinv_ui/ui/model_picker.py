@@ -11,6 +11,7 @@ import gradio as gr
 
 from ..config import ModelSpec
 from ..errors import BusyError, ModelLoadError
+from ..sdxl import width_label
 from ..studio import list_models
 from ..tiny_model import TINY_LABEL, TINY_SDXL, TINY_SDXL_LABEL
 from .context import UIContext
@@ -59,7 +60,8 @@ def model_status(ctx: UIContext) -> str:
         return "No model loaded: pick one and press **Load**."
     info = studio.info
     note = " (random weights: images are noise, for testing only)" if info.is_tiny else ""
-    return f"Loaded **{info.label}**{note} on {studio.device} · {str(studio.dtype).removeprefix('torch.')} · native {info.resolution}px"
+    return (f"Loaded **{info.label}**{note} on {studio.device} · {str(studio.dtype).removeprefix('torch.')} · "
+            f"native {info.resolution}px · embeddings {width_label(studio.pipeline)}")
 
 
 def build_model_picker(ctx: UIContext) -> ModelPicker:
