@@ -249,3 +249,24 @@ def test_training_an_sdxl_model_is_refused_with_a_message(sdxl_studio, paths, im
     assert runner.current is None
     with pytest.raises(TrainingError, match="^training SDXL embeddings is not available yet"):
         preflight(sdxl_studio, cfg, library, paths)
+
+
+def test_sdxl_diffusers_folder_loads_and_a_refiner_folder_is_refused(cache_dir, tmp_path):
+    import json
+    import shutil
+
+    from tinv_ui.errors import ModelLoadError
+    from tinv_ui.studio import Studio
+    from tinv_ui.tiny_model import tiny_sdxl_model_dir
+
+    folder = tmp_path / "my-sdxl"
+    shutil.copytree(tiny_sdxl_model_dir(cache_dir), folder)
+    studio = Studio(Paths(cache_dir=cache_dir))
+    info = studio.load(ModelSpec(str(folder)))
+    assert studio.is_sdxl and type(studio.pipeline).__name__ == "StableDiffusionXLPipeline"
+    assert (info.label, info.resolution, info.is_tiny) == ("my-sdxl", TINY_SDXL_RESOLUTION, False)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    with pytest.raises(ModelLoadError, match="my-sdxl is a StableDiffusionXLImg2ImgPipeline .*refiner"):
+        studio.load(ModelSpec(str(folder)))
+    assert studio.info is info  # the loaded model stays
