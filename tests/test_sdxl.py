@@ -112,7 +112,8 @@ def test_library_tells_sd_and_sdxl_embeddings_apart(sdxl_studio, studio, paths):
                     expected_parts=studio.embedding_parts)
     assert library.names() == ["sd-one"]
     reasons = {s.name: s.reason for s in library.skipped}
-    assert reasons["xl-one"].startswith("an SDXL embedding (clip_l + clip_g, width 96) does not fit the loaded 32")
+    assert reasons["xl-one"].startswith("an SDXL embedding (clip_l + clip_g, width 96) does not fit the loaded "
+                                        "SD 1.x/2.x model (width 32 (tiny test model))")
     assert "load an SDXL model" in reasons["xl-big"]
 
 

@@ -87,7 +87,7 @@ def _family_mismatch(emb: Embedding, expected_width: int | None, expected_parts:
                     f"{expected_parts[0]} + {expected_parts[1]}; load a matching model")
     elif emb.is_sdxl and expected_width is not None and emb.width != expected_width:
         return (f"an SDXL embedding (clip_l + clip_g, width {width_label(emb.width)}) does not fit the loaded "
-                f"{width_label(expected_width)} model; load an SDXL model to use it")
+                f"SD 1.x/2.x model (width {width_label(expected_width)}); load an SDXL model to use it")
     return ""
 
 
