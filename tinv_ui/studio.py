@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import sdxl
 from .config import ModelSpec, Paths
 from .errors import BusyError, ModelLoadError
 from .tiny_model import TINY_LABEL, TINY_RESOLUTION, TINY_SDXL, TINY_SDXL_LABEL, TINY_SDXL_RESOLUTION, tiny_model_dir
-from . import sdxl
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class Studio:
             try:
                 # Frozen UNet/VAE in half precision on GPU; the text encoder stays fp32 (it is small, and the
                 # trained vectors' gradients flow through it). Nothing here ever gets weight gradients.
+                # An SDXL VAE that overflows fp16 stays fp32 (`sdxl.vae_dtype`).
                 for part in (pipe.unet, pipe.vae):
                     part_dtype = sdxl.vae_dtype(pipe, dtype) if part is pipe.vae else dtype
                     if part.dtype != part_dtype:  # only when it changes: diffusers warns about every dtype cast
