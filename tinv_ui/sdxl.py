@@ -21,18 +21,15 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .errors import ModelLoadError, TrainingError
-from .tiny_model import TINY_SDXL, tiny_sdxl_model_dir
+from .tiny_model import tiny_sdxl_model_dir
 from .tokens import PromptEncoder
 
 log = logging.getLogger(__name__)
 
-SDXL_RESOLUTION = 1024
-PART_NAMES = ("clip_l", "clip_g")  # an SDXL embedding's tensors, in text-encoder order
 TRAINING_NOT_AVAILABLE = ("training SDXL embeddings is not available yet: the loaded model is SDXL. Create "
                           "and generate work with it; to train, load an SD 1.x/2.x model (or the tiny test model).")
 
