@@ -58,7 +58,10 @@ def _assert_same_weights(model, reference, dtype=torch.float32):
 def test_sdxl_single_file_round_trip(tmp_path, cache_dir, tiny_sdxl, tiny_sdxl_ldm, dtype, suffix):
     from diffusers import StableDiffusionXLPipeline
 
-    state = {k: v.to(dtype).contiguous() for k, v in tiny_sdxl_ldm.items() if not k.endswith("logit_scale")}
+    state = {k: v.to(dtype).contiguous() for k, v in tiny_sdxl_ldm.items()}
+    # Real files carry these too: CLIP's position ids (int64) and OpenCLIP's logit_scale; neither is a weight here.
+    state["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    assert "conditioner.embedders.1.model.logit_scale" in state
     path = tmp_path / f"tiny-sdxl{suffix}"
     if suffix == ".safetensors":
         save_file(state, str(path))
