@@ -146,5 +146,6 @@ def test_shipped_sdxl_configs_match_the_real_layout():
     assert {k: shapes[k] for k in REAL_SDXL_SHAPES} == REAL_SDXL_SHAPES
     info = detect(shapes, "sd_xl_base_1.0.safetensors")
     assert (info.family, info.text_width) == ("sdxl", 2048)
+    assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == 1024  # native 1024 px
     back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))  # diffusers' own mapping lands on every weight
     assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in unet.state_dict().items()}
