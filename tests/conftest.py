@@ -121,3 +121,14 @@ def wait_until(condition, what: str, limit: float = 60.0) -> None:
             return
         pause.wait(0.01)
     raise AssertionError(f"timed out waiting until {what}")
+
+
+@pytest.fixture(scope="session")
+def sdxl_studio(cache_dir):
+    """A Studio with the tiny SDXL model loaded, shared by the session. Tests must leave it as they found it."""
+    from tinv_ui.studio import Studio
+    from tinv_ui.tiny_model import TINY_SDXL
+
+    s = Studio(Paths(cache_dir=cache_dir))
+    s.load(ModelSpec(TINY_SDXL))
+    return s

@@ -139,7 +139,7 @@ def test_model_picker_lists_models_and_loads(paths):
     from tinv_ui.errors import ModelLoadError
     from tinv_ui.library import EmbeddingLibrary
     from tinv_ui.studio import Studio
-    from tinv_ui.tiny_model import TINY_LABEL
+    from tinv_ui.tiny_model import TINY_LABEL, TINY_SDXL_LABEL
     from tinv_ui.ui.context import UIContext
     from tinv_ui.ui.model_picker import load_model, model_choices
 
@@ -152,7 +152,7 @@ def test_model_picker_lists_models_and_loads(paths):
 
     ctx = UIContext(Studio(paths), EmbeddingLibrary(paths.embeddings_dir), Runner(), paths)
     assert model_choices(ctx) == [("diffusers-model", "diffusers-model"), ("sd15.safetensors", "sd15.safetensors"),
-                                  (TINY_LABEL, "tiny")]
+                                  (TINY_LABEL, "tiny"), (TINY_SDXL_LABEL, "tiny-sdxl")]
     with pytest.raises(ModelLoadError, match="No model selected"):
         load_model(ctx, "")
     status = load_model(ctx, "tiny")

@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 SUPPORTED = (
-    "Supported: SD 1.x (CLIP ViT-L text encoder, keys cond_stage_model.transformer.*) and SD 2.x "
-    "(OpenCLIP ViT-H, keys cond_stage_model.model.*; 512-base and 768-v) text-to-image checkpoints in the "
-    "original A1111/CompVis layout, or a diffusers folder."
+    "Supported: SD 1.x (CLIP ViT-L text encoder, keys cond_stage_model.transformer.*), SD 2.x "
+    "(OpenCLIP ViT-H, keys cond_stage_model.model.*; 512-base and 768-v) and SDXL base-architecture "
+    "(conditioner.embedders.0/1.*; epsilon or v_pred) text-to-image checkpoints in the original "
+    "A1111/CompVis layout, or a diffusers folder."
 )
 
 UNET = "model.diffusion_model."
@@ -63,13 +64,15 @@ _INERT_GLOBALS = (
 class CheckpointInfo:
     """What `detect` found in a checkpoint's keys and shapes."""
 
-    family: str  # "sd1" or "sd2": the folder under model_configs/ and the conversion to use
-    text_width: int  # token vector width: 768 SD1, 1024 SD2 (32 for a converted tiny test model)
+    family: str  # "sd1", "sd2" or "sdxl": the folder under model_configs/ and the conversion to use
+    text_width: int  # token vector width: 768 SD1, 1024 SD2, 768 + 1280 SDXL (32 for a converted tiny test model)
     num_tensors: int
+    objective: str = "epsilon"  # SDXL files say "v_prediction" with a `v_pred` key (sdxl_checkpoint.py)
+    zero_snr: bool = False  # SDXL files trained with zero terminal SNR carry a `ztsnr` key
 
     @property
     def label(self) -> str:
-        return {"sd1": "SD 1.x", "sd2": "SD 2.x"}[self.family]
+        return {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.family]
 
 
 class _Inert:
@@ -101,7 +104,12 @@ def load_single_file(path: str | Path, cache_dir: str | Path, config: str | Path
         state = load_ckpt(path)
         info = detect({k: tuple(v.shape) for k, v in state.items()}, path.name)
     folder = Path(config) if config is not None else CONFIG_DIR / info.family
-    pipe = _assemble(state, folder, info, cache_dir, path.name)
+    if info.family == "sdxl":
+        from .sdxl_checkpoint import assemble
+
+        pipe = assemble(state, folder, info, cache_dir, path.name)
+    else:
+        pipe = _assemble(state, folder, info, cache_dir, path.name)
     del state
     _set_parameterization(pipe, path, info, shipped=config is None)
     log.info("loaded %s as %s (%s, %d tensors)", path.name, info.label, folder.name, info.num_tensors)
@@ -119,6 +127,10 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 def detect(shapes: Mapping[str, tuple[int, ...]], name: str) -> CheckpointInfo:
     """Family of an original-layout checkpoint from its tensor names and shapes; `ModelLoadError` if unsupported."""
     shapes = _with_text_model_prefix(shapes)
+    from . import sdxl_checkpoint
+
+    if sdxl_checkpoint.is_sdxl_layout(shapes):
+        return sdxl_checkpoint.detect(shapes, name, UNET_IN, UNET, VAE, SUPPORTED)
     if UNET_IN not in shapes or not (CLIP_TOKENS in shapes or OPEN_CLIP_TOKENS in shapes):
         raise ModelLoadError(f"{name} is {describe(shapes)}, not an SD 1.x/2.x checkpoint. {SUPPORTED}")
     in_channels = shapes[UNET_IN][1]

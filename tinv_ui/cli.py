@@ -73,7 +73,7 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("--model", default=default("tiny"), help="Model: 'tiny', a diffusers folder, a checkpoint "
+    parser.add_argument("--model", default=default("tiny"), help="Model: 'tiny' or 'tiny-sdxl', a diffusers folder, a checkpoint "
                         "file (or its name in --models-dir) or a hub id. (default: 'tiny')")
     parser.add_argument("--device", default=default(None), help="cuda, cpu, ...; default: cuda if available.")
     parser.add_argument("--dtype", default=default(None), help="float16, bfloat16 or float32; default: automatic.")

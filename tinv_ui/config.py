@@ -115,7 +115,8 @@ class Compile(str, enum.Enum):
 
 
 class EmbeddingFileFormat(str, enum.Enum):
-    A1111_PT = "pt"  # A1111 dict with string_to_param (the default; every peer reads it)
+    AUTO = "auto"  # pt for SD 1.x/2.x, safetensors for SDXL (the clip_l/clip_g file every SDXL tool shares)
+    A1111_PT = "pt"  # A1111 dict with string_to_param (every peer reads it); SDXL: only clip_l and clip_g
     SAFETENSORS = "safetensors"  # {"emb_params": [n, d]} (kohya / A1111 / ComfyUI / InvokeAI)
 
 
@@ -146,7 +147,7 @@ SAMPLERS = tuple(SAMPLER_TABLE)
 class ModelSpec:
     """Which model to load: the built-in tiny test model, a diffusers folder, a single-file checkpoint or a hub id."""
 
-    source: str = knob("tiny", "'tiny' (random weights, for tests), a diffusers folder, a .safetensors/.ckpt file, or a hub id.")
+    source: str = knob("tiny", "'tiny' or 'tiny-sdxl' (random weights, for tests), a diffusers folder, a .safetensors/.ckpt file, or a hub id.")
     device: str | None = knob(None, "cuda, cpu, ...; default: cuda if available, else cpu.")
     dtype: str | None = knob(None, "float16, bfloat16 or float32; default: bf16/fp16 on CUDA, fp32 on CPU.")
 
@@ -163,7 +164,8 @@ class CreateConfig:
     initializer: str = knob("*", "Text whose token vectors start the embedding; empty = zeros.")
     num_vectors: int = knob(1, "Vectors per token (1-75). More vectors hold more detail but use prompt space.", 1, 75)
     overwrite: bool = knob(False, "Replace an existing embedding file of the same name.")
-    file_format: EmbeddingFileFormat = knob(EmbeddingFileFormat.A1111_PT, "pt (A1111 layout) or safetensors.")
+    file_format: EmbeddingFileFormat = knob(EmbeddingFileFormat.AUTO, "auto (pt for SD 1.x/2.x, safetensors for SDXL), "
+                                            "pt (A1111 layout) or safetensors.")
 
     def __post_init__(self) -> None:
         _check_ranges(self)

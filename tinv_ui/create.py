@@ -4,6 +4,10 @@
 Vector i of n copies token row floor(i*T/n) of the initializer's T tokens (the text tokenized without
 BOS/EOS and truncated to n): fewer tokens than vectors repeat in order (t0,t0,t1,t1), more are cut.
 Rows are the raw token embeddings, before position embeddings. An empty initializer gives zeros.
+
+With an SDXL model the embedding is a pair: the same token ids (both SDXL tokenizers use CLIP's BPE) are
+looked up in each encoder's table, giving `clip_l` [n, 768] and `clip_g` [n, 1280]; the file format `auto`
+then writes `.safetensors` with exactly those two tensors.
 """
 
 from __future__ import annotations
@@ -56,9 +60,17 @@ def spread_rows(rows: torch.Tensor, num_vectors: int) -> torch.Tensor:
     return rows[index].clone()
 
 
+def resolve_format(file_format: EmbeddingFileFormat, sdxl: bool = False) -> EmbeddingFileFormat:
+    """`auto` → safetensors for SDXL (clip_l/clip_g, what A1111, ComfyUI, InvokeAI and civitai use), else pt."""
+    file_format = EmbeddingFileFormat(file_format)
+    if file_format != EmbeddingFileFormat.AUTO:
+        return file_format
+    return EmbeddingFileFormat.SAFETENSORS if sdxl else EmbeddingFileFormat.A1111_PT
+
+
 def target_path(embeddings_dir: Path, name: str, file_format: EmbeddingFileFormat) -> Path:
     """`<dir>/<name>.<ext>`, refusing names that would escape the folder or exceed file-name limits."""
-    filename = f"{name}.{EmbeddingFileFormat(file_format).value}"
+    filename = f"{name}.{resolve_format(file_format).value}"
     if len(filename.encode("utf-8")) > MAX_FILENAME_BYTES:
         raise InvalidNameError(f"name is {len(name.encode('utf-8'))} bytes in UTF-8; the file name must fit in "
                                f"{MAX_FILENAME_BYTES} bytes. Use a shorter name.")
@@ -69,10 +81,11 @@ def target_path(embeddings_dir: Path, name: str, file_format: EmbeddingFileForma
     return path
 
 
-def check_target(cfg: CreateConfig, embeddings_dir: str | Path) -> Path:
-    """The file `cfg` would create, after the name and overwrite checks (no model needed)."""
+def check_target(cfg: CreateConfig, embeddings_dir: str | Path, sdxl: bool = False) -> Path:
+    """The file `cfg` would create, after the name and overwrite checks (no model needed; `sdxl` resolves
+    the `auto` format)."""
     name = sanitize_name(cfg.name, "name")
-    path = target_path(Path(embeddings_dir), name, cfg.file_format)
+    path = target_path(Path(embeddings_dir), name, resolve_format(cfg.file_format, sdxl))
     _check_existing(path, cfg.overwrite)
     return path
 
@@ -95,22 +108,34 @@ def _check_existing(path: Path, overwrite: bool) -> None:
 
 def create_embedding(studio: Studio, cfg: CreateConfig, embeddings_dir: str | Path) -> Path:
     """Create `<embeddings_dir>/<name>.pt|.safetensors` with step 0 and return its path."""
-    path = check_target(cfg, embeddings_dir)
-    name = path.stem
     with studio.session(what="creating an embedding"):
-        truncate = studio.embedding_width not in OPENCLIP_WIDTHS
+        sdxl = studio.is_sdxl
+        path = check_target(cfg, embeddings_dir, sdxl=sdxl)
+        name = path.stem
+        # SD 2.x (OpenCLIP) subsamples a long initializer; SD 1.x and SDXL (one id list for both tables) cut it.
+        truncate = sdxl or studio.embedding_width not in OPENCLIP_WIDTHS
         ids = init_token_ids(studio.tokenizer, cfg.initializer, cfg.num_vectors, truncate=truncate)
-        matrix = studio.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            if ids:
-                rows = matrix[torch.tensor(ids, device=matrix.device)].detach().to("cpu", torch.float32)
-                vectors = spread_rows(rows, cfg.num_vectors)
-            else:
-                vectors = torch.zeros(cfg.num_vectors, matrix.shape[1], dtype=torch.float32)
+        pipe = studio.pipeline
+        if sdxl:
+            parts = {"clip_l": _initial_vectors(pipe.text_encoder, ids, cfg.num_vectors),
+                     "clip_g": _initial_vectors(pipe.text_encoder_2, ids, cfg.num_vectors)}
+            vectors = None
+        else:
+            parts, vectors = {}, _initial_vectors(pipe.text_encoder, ids, cfg.num_vectors)
     info = studio.info
-    embedding = Embedding(name, vectors, step=0, meta={"sd_checkpoint": None, "sd_checkpoint_name": None})
+    embedding = Embedding(name, vectors, step=0, parts=parts, meta={"sd_checkpoint": None, "sd_checkpoint_name": None})
     with disk_full_is_said(path, "free some space and create it again (an existing file of that name is unchanged)."):
         formats.write(embedding, path)
     log.info("created %s (%d vectors from %r, model %s)", path, cfg.num_vectors, cfg.initializer,
              info.label if info else "?")
     return path
+
+
+def _initial_vectors(text_encoder, ids: list[int], num_vectors: int) -> torch.Tensor:
+    """`[num_vectors, width]` float32 CPU rows of `text_encoder`'s token table for `ids` (zeros without ids)."""
+    matrix = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        if not ids:
+            return torch.zeros(num_vectors, matrix.shape[1], dtype=torch.float32)
+        rows = matrix[torch.tensor(ids, device=matrix.device)].detach().to("cpu", torch.float32)
+        return spread_rows(rows, num_vectors)

@@ -324,7 +324,7 @@ def write(embedding: Embedding, path: str | Path, layout: str | None = None, *, 
     tensors = _tensors_for(embedding, layout, token)
     if path.suffix.lower() == ".safetensors":
         return atomic_write(path, lambda tmp: _save_safetensors(tensors, tmp, _safetensors_meta(embedding)))
-    payload = a1111_dict(embedding) if layout in ("a1111", "sdxl") else tensors
+    payload = a1111_dict(embedding) if layout == "a1111" else tensors  # SDXL .pt: only clip_l and clip_g
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 

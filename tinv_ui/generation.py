@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image, PngImagePlugin
 
-from . import __version__
+from . import __version__, sdxl
 from .config import SAMPLER_TABLE, SAMPLERS, Compile, GenerateConfig, Paths
 from .errors import ConfigError
 from .events import Generated, Step
@@ -184,25 +184,37 @@ def render(
     seed = resolve_seed(cfg.seed)
     seeds = [seed + i for i in range(cfg.batch_size)]
     device = studio.device
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     with torch.no_grad():
-        cond, uncond, used = _conditioning(studio, cfg, vectors)
-        pipe = _sampling_pipeline(studio, cfg.sampler, compiled=compiles(cfg, device))
-        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        images = pipe(
-            prompt_embeds=cond,
-            negative_prompt_embeds=uncond,
-            num_inference_steps=cfg.steps,
-            guidance_scale=cfg.cfg_scale,
-            width=cfg.width,
-            height=cfg.height,
-            generator=generators,
-            output_type="pil",
-            callback_on_step_end=_step_callback(on_step),
-        ).images
+        if studio.is_sdxl:  # `vectors` holds {"clip_l", "clip_g"} pairs; SDXL ignores clip skip, as A1111 does
+            scheduler = make_scheduler(cfg.sampler, studio.pipeline.scheduler.config)
+            unet = studio.compiled_unet() if compiles(cfg, device) else None
+            images, used = sdxl.sample(studio, cfg, vectors, generators, scheduler, _step_callback(on_step), unet)
+            cfg = replace(cfg, clip_skip=1)
+        else:
+            images, used = _sample(studio, cfg, vectors, generators, on_step)
     info = studio.info
     ti = ti_hashes(used, hashes or {})
     name, model_hash = (info.name, info.hash) if info else (None, None)
     return [Rendered(img, infotext(cfg, s, name, model_hash, ti, pos), s) for pos, (img, s) in enumerate(zip(images, seeds))]
+
+
+def _sample(studio, cfg: GenerateConfig, vectors, generators, on_step: OnStep | None) -> tuple[list, list[str]]:
+    """SD 1.x/2.x txt2img: PIL images and the embedding names used."""
+    cond, uncond, used = _conditioning(studio, cfg, vectors)
+    pipe = _sampling_pipeline(studio, cfg.sampler, compiled=compiles(cfg, studio.device))
+    images = pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.cfg_scale,
+        width=cfg.width,
+        height=cfg.height,
+        generator=generators,
+        output_type="pil",
+        callback_on_step_end=_step_callback(on_step),
+    ).images
+    return images, used
 
 
 def _step_callback(on_step: OnStep | None):
@@ -289,7 +301,8 @@ def generate(studio: Studio, cfg: GenerateConfig, library: EmbeddingLibrary, pat
     check_clip_skip(studio, cfg.clip_skip)
     # 1. Rescan the embeddings folder: files dropped in since the last request are used without a restart.
     library.rescan_for(studio)
-    vectors, hashes = library.vectors(), library.hashes()
+    vectors = sdxl.library_pairs(library) if studio.is_sdxl else library.vectors()
+    hashes = library.hashes()
     base_seed = resolve_seed(cfg.seed)
     total = cfg.batch_count * cfg.steps
     t0 = time.perf_counter()

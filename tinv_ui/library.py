@@ -78,6 +78,22 @@ def width_label(width: int) -> str:
     return f"{width} ({family})" if family else str(width)
 
 
+def _family_mismatch(emb: Embedding, expected_width: int | None, expected_parts: tuple[int, int] | None) -> str:
+    """Why an embedding cannot be used with the loaded model's family (SD 1.x/2.x vs SDXL), or ""."""
+    if expected_parts is not None:
+        if not emb.is_sdxl:
+            return (f"an SD 1.x/2.x embedding (width {width_label(emb.width)}) does not fit the loaded SDXL model, "
+                    "which needs clip_l + clip_g pairs; load an SD 1.x/2.x model to use it")
+        have = (int(emb.parts["clip_l"].shape[1]), int(emb.parts["clip_g"].shape[1]))
+        if have != tuple(expected_parts):
+            return (f"its SDXL pair is {have[0]} + {have[1]} wide; the loaded SDXL model needs "
+                    f"{expected_parts[0]} + {expected_parts[1]}; load a matching model")
+    elif emb.is_sdxl and expected_width is not None and emb.width != expected_width:
+        return (f"an SDXL embedding (clip_l + clip_g, width {width_label(emb.width)}) does not fit the loaded "
+                f"SD 1.x/2.x model (width {width_label(expected_width)}); load an SDXL model to use it")
+    return ""
+
+
 def _is_candidate(name: str) -> bool:
     lower = name.lower()
     if name.startswith("."):  # hidden files, and our atomic temp files `.<name>.XXXX.tmp`
@@ -105,21 +121,23 @@ class EmbeddingLibrary:
         self._lock = threading.Lock()  # the UI and the trainer may refresh from different threads
 
     # -- scanning ---------------------------------------------------------------------------------------
-    def refresh(self, expected_width: int | None = None, tokenizer: Any = None, force: bool = False) -> bool:
+    def refresh(self, expected_width: int | None = None, tokenizer: Any = None, force: bool = False,
+                expected_parts: tuple[int, int] | None = None) -> bool:
         """Rescan if any file changed (or the width/tokenizer to check against did, or `force`).
 
         Returns True when a rescan happened. `expected_width` moves embeddings of another width to
-        `skipped`; `tokenizer` enables the same-prompt-word and vocabulary-word checks.
+        `skipped`; `tokenizer` enables the same-prompt-word and vocabulary-word checks. `expected_parts`
+        (clip_l, clip_g widths) says the loaded model is SDXL: only such pairs are usable then.
         """
         with self._lock:
             files = self._candidates()
             tok_key = None if tokenizer is None else (id(tokenizer), len(tokenizer))
-            signature = (tuple(files), expected_width, tok_key)
+            signature = (tuple(files), expected_width, tok_key, expected_parts)
             if not force and signature == self._signature:
                 return False
             if force:
                 self._cache.clear()
-            self._rebuild(files, expected_width, tokenizer)
+            self._rebuild(files, expected_width, tokenizer, expected_parts)
             self._signature = signature
             return True
 
@@ -131,7 +149,8 @@ class EmbeddingLibrary:
         """
         if not studio.loaded:
             return self.refresh(force=force)
-        return self.refresh(expected_width=studio.embedding_width, tokenizer=studio.tokenizer, force=force)
+        return self.refresh(expected_width=studio.embedding_width, tokenizer=studio.tokenizer, force=force,
+                            expected_parts=studio.embedding_parts)
 
     def _candidates(self) -> list[_StatKey]:
         """Every candidate file with its stat key, sorted: the cheap change signature."""
@@ -176,7 +195,8 @@ class EmbeddingLibrary:
         self._cache[key] = parsed
         return parsed
 
-    def _rebuild(self, files: list[_StatKey], expected_width: int | None, tokenizer: Any) -> None:
+    def _rebuild(self, files: list[_StatKey], expected_width: int | None, tokenizer: Any,
+                 expected_parts: tuple[int, int] | None = None) -> None:
         # 1. read every file (cached per file version); bad files go to skipped with their reason
         live = set(files)
         self._cache = {k: v for k, v in self._cache.items() if k in live}
@@ -191,7 +211,11 @@ class EmbeddingLibrary:
             if parsed.embedding is None:
                 continue
             emb = parsed.embedding
-            # 2. width check against the loaded model
+            # 2. family and width check against the loaded model
+            family_reason = _family_mismatch(emb, expected_width, expected_parts)
+            if family_reason:
+                skipped.append(Skipped(path, emb.name, family_reason))
+                continue
             if expected_width is not None and emb.width != expected_width:
                 reason = (f"width {width_label(emb.width)} does not fit the loaded model's "
                           f"{width_label(expected_width)}; load a matching model")

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import sdxl
 from .config import ModelSpec, Paths
 from .errors import BusyError, ModelLoadError
 from .fileio import file_sha256
-from .tiny_model import TINY_LABEL, TINY_RESOLUTION, tiny_model_dir
+from .tiny_model import TINY_LABEL, TINY_RESOLUTION, TINY_SDXL, TINY_SDXL_LABEL, TINY_SDXL_RESOLUTION, tiny_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,14 @@ class Studio:
             try:
                 # Frozen UNet/VAE in half precision on GPU; the text encoder stays fp32 (it is small, and the
                 # trained vectors' gradients flow through it). Nothing here ever gets weight gradients.
+                # An SDXL VAE that overflows fp16 stays fp32 (`sdxl.vae_dtype`).
                 for part in (pipe.unet, pipe.vae):
-                    if part.dtype != dtype:  # only when it changes: diffusers warns about every dtype cast
-                        part.to(dtype=dtype)
+                    part_dtype = sdxl.vae_dtype(pipe, dtype) if part is pipe.vae else dtype
+                    if part.dtype != part_dtype:  # only when it changes: diffusers warns about every dtype cast
+                        part.to(dtype=part_dtype)
                     part.to(device).requires_grad_(False).eval()
-                pipe.text_encoder.to(device).requires_grad_(False).eval()
+                for encoder in sdxl.text_encoders(pipe):
+                    encoder.to(device).requires_grad_(False).eval()
             except RuntimeError as e:  # torch.OutOfMemoryError is one
                 del pipe
                 self._release()
@@ -110,6 +114,9 @@ class Studio:
         from diffusers import StableDiffusionPipeline
 
         source = spec.source
+        if source == TINY_SDXL:
+            pipe = sdxl.load_tiny(self.paths.cache_dir)
+            return pipe, ModelInfo(TINY_SDXL_LABEL, "tiny-sdxl-test-model", None, TINY_SDXL_RESOLUTION, True)
         if spec.is_tiny:
             folder = tiny_model_dir(self.paths.cache_dir)
             pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
@@ -127,7 +134,7 @@ class Studio:
         if path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise ModelLoadError(f"{path} is a folder without model_index.json; it is not a diffusers model.")
-            pipe = _from_pretrained(StableDiffusionPipeline, str(path), local_files_only=True)
+            pipe = _from_pretrained(sdxl.pipeline_class(path), str(path), local_files_only=True)
             return pipe, ModelInfo(path.name, path.name, None, _native_resolution(pipe), False)
         if path.is_absolute() or source.count("/") != 1:
             raise ModelLoadError(f"model {source!r} was not found: give a diffusers folder, a file in models/, or a hub id.")
@@ -167,8 +174,20 @@ class Studio:
 
     @property
     def embedding_width(self) -> int:
-        """Width of one token vector in the loaded text encoder (768 SD1, 1024 SD2, 32 tiny)."""
-        return int(self.text_encoder.get_input_embeddings().weight.shape[1])
+        """Width of one token vector in the loaded text encoder (768 SD1, 1024 SD2, 32 tiny); for SDXL the sum
+        of both encoders' widths (768 + 1280 = 2048), as an SDXL embedding's width is counted."""
+        return sum(sdxl.token_widths(self.pipeline))
+
+    @property
+    def embedding_parts(self) -> tuple[int, int] | None:
+        """SDXL: the (clip_l, clip_g) widths an embedding pair needs, (768, 1280); None for SD 1.x/2.x."""
+        widths = sdxl.token_widths(self.pipeline)
+        return (widths[0], widths[1]) if len(widths) == 2 else None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """True when the loaded model is SDXL-architecture (two text encoders, `text_time` conditioning)."""
+        return self.loaded and sdxl.is_sdxl(self.pipeline)
 
     def set_attention(self, xformers: bool) -> bool:
         """Switch the loaded pipeline's attention to xformers or back to PyTorch SDPA, under the lock.

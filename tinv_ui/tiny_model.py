@@ -133,3 +133,85 @@ def tiny_model_dir(cache_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("built the %s in %s", TINY_LABEL, folder)
     return folder
+
+
+# -- the tiny SDXL-shaped model ------------------------------------------------------------------------------
+# Same idea, SDXL's architecture: two text encoders (CLIP-L-like, then an OpenCLIP-bigG-like one with a
+# projection, padding with "!" like SDXL's second tokenizer), a UNet with `text_time` added conditioning
+# (pooled text + size/crop time ids), a VAE with SDXL's scaling factor that asks to be decoded in fp32.
+TINY_SDXL = "tiny-sdxl"  # its ModelSpec source
+TINY_SDXL_LABEL = "tiny SDXL test model (random weights)"
+TINY_SDXL_VERSION = "v1"
+TINY_SDXL_RESOLUTION = 128  # not 64: the panels' default size visibly follows the loaded family
+TINY_SDXL_WIDTHS = (32, 64)  # (clip_l, clip_g) token widths; real SDXL: (768, 1280)
+TINY_SDXL_POOLED = 32  # text_encoder_2 projection width; real SDXL: 1280
+TINY_SDXL_TIME_DIM = 8  # addition_time_embed_dim; real SDXL: 256
+
+
+def build_tiny_sdxl_parts(seed: int = 0) -> dict:
+    """The tiny SDXL components in memory, by their pipeline names (no tokenizers)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    l_width, g_width = TINY_SDXL_WIDTHS
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(  # SDXL's block layout: no attention in the first level, 2 transformers deeper
+        sample_size=TINY_SDXL_RESOLUTION // 8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+        cross_attention_dim=l_width + g_width, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=TINY_SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_DIM + TINY_SDXL_POOLED, norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=32, sample_size=TINY_SDXL_RESOLUTION, scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    ids = dict(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+               num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=l_width, intermediate_size=37, projection_dim=l_width,
+                                                hidden_act="quick_gelu", pad_token_id=49407, **ids))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=g_width, intermediate_size=73, projection_dim=TINY_SDXL_POOLED, hidden_act="gelu",
+        pad_token_id=0, **ids))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading",
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, scheduler=scheduler)
+
+
+def sdxl_tokenizers(cache_dir: Path):
+    """SDXL's two tokenizers, offline: CLIP's BPE both times; the second pads with "!" (id 0) like OpenCLIP."""
+    first = load_clip_tokenizer(cache_dir)
+    second = load_clip_tokenizer(cache_dir)
+    second.pad_token = "!"
+    return first, second
+
+
+def tiny_sdxl_model_dir(cache_dir: Path) -> Path:
+    """Path of the cached tiny SDXL model as a diffusers folder; built on first use (about a second)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = Path(cache_dir) / f"tiny-sdxl-{TINY_SDXL_VERSION}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer, tokenizer_2 = sdxl_tokenizers(cache_dir)
+    pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False, **build_tiny_sdxl_parts())
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=cache_dir))
+    pipe.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built the %s in %s", TINY_SDXL_LABEL, folder)
+    return folder

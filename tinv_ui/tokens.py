@@ -284,15 +284,18 @@ class PromptEncoder:
         with spliced(self.text_encoder) as splice:
             if rows:
                 splice.fixes = self._fixes(rows, pos, names, len(ids[0]), device)
-            out = self.text_encoder(ids_t, output_hidden_states=clip_skip > 1)
-            if clip_skip > 1:
-                z = _text_model(self.text_encoder).final_layer_norm(out.hidden_states[-clip_skip])
-            else:
-                z = out[0]
+            z = self._hidden_states(ids_t, clip_skip)
         if w is not None:
             z = _apply_emphasis(z, w.to(z.dtype))
         z = z.reshape(len(prompts), n_chunks * z.shape[1], z.shape[2])
         return z, list(dict.fromkeys(used))
+
+    def _hidden_states(self, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        """The text encoder's per-token output for `ids` `[rows, 77]` (SDXL's encoders override this)."""
+        out = self.text_encoder(ids, output_hidden_states=clip_skip > 1)
+        if clip_skip > 1:
+            return _text_model(self.text_encoder).final_layer_norm(out.hidden_states[-clip_skip])
+        return out[0]
 
     def _fixes(self, rows, pos, names, seq_len, device):
         r_idx, p_idx, vecs = [], [], []

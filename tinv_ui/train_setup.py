@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import formats
+from . import formats, sdxl
 from .config import ClipGrad, Paths, TrainConfig
 from .dataset import BucketBatchSampler, Dataset, LatentCache, build_latent_cache, load_dataset
 from .embedding import Embedding
@@ -69,6 +69,7 @@ class Plan:
 # ---------------------------------------------------------------------------------------------------
 def preflight(studio: Studio, cfg: TrainConfig, library, paths: Paths) -> Plan:
     """Run every check that can fail before touching the GPU; returns what the run needs."""
+    sdxl.check_trainable(studio)
     emb, path = _find_embedding(studio, cfg, library)
     root = _log_root(cfg, paths)
     emb, start_file, notes = _newest_good_state(root, emb, path)

@@ -10,8 +10,9 @@ import gradio as gr
 from ..config import ModelSpec
 from ..confine import looks_like_path
 from ..errors import BusyError, ModelLoadError
+from ..sdxl import width_label
 from ..studio import Studio, list_models
-from ..tiny_model import TINY_LABEL
+from ..tiny_model import TINY_LABEL, TINY_SDXL, TINY_SDXL_LABEL
 from .context import UIContext
 from .errors import user_errors
 
@@ -27,12 +28,12 @@ class ModelPicker:
 
 
 def model_choices(ctx: UIContext) -> list[tuple[str, str]]:
-    """(label, value) pairs: every checkpoint/diffusers folder in models/, then the tiny test model."""
+    """(label, value) pairs: every checkpoint/diffusers folder in models/, then the tiny test models."""
     choices = [(name, name) for name in list_models(ctx.paths.models_dir)]
     current = current_source(ctx)
     if current and current != TINY and current not in {v for _, v in choices}:
         choices.insert(0, (current, current))  # loaded from a path or hub id outside models/
-    return choices + [(TINY_LABEL, TINY)]
+    return choices + [(TINY_LABEL, TINY), (TINY_SDXL_LABEL, TINY_SDXL)]
 
 
 def current_source(ctx: UIContext) -> str | None:
@@ -56,7 +57,8 @@ def model_status(ctx: UIContext) -> str:
         return "No model loaded: pick one and press **Load**."
     info = studio.info
     note = " (random weights: images are noise, for testing only)" if info.is_tiny else ""
-    return f"Loaded **{info.label}**{note} on {studio.device} · {str(studio.dtype).removeprefix('torch.')} · native {info.resolution}px"
+    return (f"Loaded **{info.label}**{note} on {studio.device} · {str(studio.dtype).removeprefix('torch.')} · "
+            f"native {info.resolution}px · embeddings {width_label(studio.pipeline)}")
 
 
 def build_model_picker(ctx: UIContext) -> ModelPicker:
@@ -79,7 +81,7 @@ def loading_message(ctx: UIContext, source: str | None) -> str:
     """What the status line says the moment Load is pressed (a checkpoint can take a minute to load)."""
     if not source or ctx.training_running():
         return model_status(ctx)  # the load itself refuses with the reason
-    label = TINY_LABEL if source == TINY else source
+    label = {TINY: TINY_LABEL, TINY_SDXL: TINY_SDXL_LABEL}.get(source, source)
     return f"Loading **{label}**… a checkpoint can take a minute; the current model stays loaded if this fails."
 
 
@@ -98,11 +100,11 @@ def load_model(ctx: UIContext, source: str | None) -> str:
 
 
 def check_model_source(ctx: UIContext, source: str) -> None:
-    """Refuse a model path outside the folders web requests may use; the tiny model and hub ids pass.
+    """Refuse a model path outside the folders web requests may use; the tiny models and hub ids pass.
 
     The path checked is the one `Studio.load` opens: `source` itself, else `source` inside models/.
     """
-    if source == TINY:
+    if source in (TINY, TINY_SDXL):
         return
     path = Path(source)
     if not path.exists() and (ctx.paths.models_dir / source).exists():

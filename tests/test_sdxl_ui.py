@@ -1,0 +1,61 @@
+"""The app on the tiny SDXL model, over HTTP (gradio_client): Create makes a pair, Generate uses it at the model's
+size with its TI hash, Train answers that SDXL training is not available yet."""
+
+from __future__ import annotations
+
+import pytest
+from browser_app import free_port
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from safetensors import safe_open
+from test_ui import generate_kwargs
+
+from tinv_ui.tiny_model import TINY_SDXL_RESOLUTION
+
+
+@pytest.fixture
+def served_sdxl(sdxl_studio, paths, tmp_path, monkeypatch):
+    from tinv_ui.jobs import TrainingRunner
+    from tinv_ui.library import EmbeddingLibrary
+    from tinv_ui.ui import build_ui, launch
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    library = EmbeddingLibrary(paths.embeddings_dir)
+    runner = TrainingRunner(sdxl_studio, library, paths)
+    demo = build_ui(sdxl_studio, library, runner, paths, allow_dirs=[tmp_path])  # the tests' datasets live there
+    _, url, _ = launch(demo, paths, port=free_port(), prevent_thread_lock=True)
+    client = Client(url, verbose=False)
+    try:
+        yield client, library, paths
+    finally:
+        client.close()
+        demo.close()
+
+
+def _defaults(client, endpoint):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"][endpoint]["parameters"]
+    return {p["parameter_name"]: p["parameter_default"] for p in api}
+
+
+def test_sdxl_create_generate_and_train_refusal_over_http(served_sdxl, images):
+    client, library, paths = served_sdxl
+    create = _defaults(client, "/create_embedding")
+    assert create["file_format"] == "auto"
+    status = client.predict(**{**create, "name": "xlweb", "initializer": "gold", "num_vectors": 2},
+                            api_name="/create_embedding")
+    assert status.startswith("Created: ") and status.endswith("xlweb.safetensors")
+    with safe_open(str(paths.embeddings_dir / "xlweb.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l"]
+
+    generate = _defaults(client, "/generate")
+    assert (generate["width"], generate["height"]) == (TINY_SDXL_RESOLUTION, TINY_SDXL_RESOLUTION)
+    size = TINY_SDXL_RESOLUTION
+    progress, gallery, infotext, _ = client.predict(
+        **generate_kwargs("a photo of xlweb", width=size, height=size, save=False), api_name="/generate")
+    assert len(gallery) == 1 and f"Size: {size}x{size}" in infotext
+    assert f'TI hashes: "xlweb: {library.get("xlweb").shorthash}"' in infotext
+
+    train = {**_defaults(client, "/start_training"), "embedding": "xlweb", "dataset_dir": str(images), "max_steps": 2}
+    assert train["width"] == TINY_SDXL_RESOLUTION
+    with pytest.raises(AppError, match="training SDXL embeddings is not available yet"):
+        client.predict(**train, api_name="/start_training")
