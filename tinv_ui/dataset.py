@@ -13,7 +13,8 @@ Follows A1111's dataset (`modules/textual_inversion/dataset.py`, `PersonalizedBa
 - images are resized to the training size (bicubic, stretching like A1111), or with `keep_size` rounded down to a
   multiple of 8 and grouped in same-size buckets;
 - horizontal flips (p = 0.5) are really applied: the mirrored image is encoded into the cache too;
-- alpha weights are resized to the latent size with (width, height) in the right order.
+- alpha weights are resized to the latent size with (width, height) in the right order;
+- each image keeps its size before resizing, for SDXL's size conditioning (`LatentCache.time_ids`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class DatasetImage:
     caption: str
     image: Image.Image
     alpha: Image.Image | None = None
+    original_size: tuple[int, int] | None = None  # (width, height) of the file before resizing; None: `size`
 
     @property
     def size(self) -> tuple[int, int]:
@@ -142,7 +144,9 @@ def caption_for(path: Path, regex: bounded_re.Pattern | None = None, join: str =
 
 
 def _open_limited(path: Path) -> Image.Image:
-    """Open lazily and refuse (or, for JPEG, draft-decode smaller) anything above MAX_PIXELS."""
+    """Open lazily and refuse (or, for JPEG, draft-decode smaller) anything above MAX_PIXELS.
+
+    The file's own (width, height) is kept in `info["full_size"]` (a draft decode makes `size` smaller)."""
     try:
         with warnings.catch_warnings():  # our own limit below replaces Pillow's bomb warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -152,6 +156,7 @@ def _open_limited(path: Path) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise _Skip(f"refused as a decompression bomb ({e})") from None
     w, h = img.size
+    img.info["full_size"] = (w, h)
     if w * h > MAX_PIXELS and img.format == "JPEG":
         # draft() decodes at 1/2, 1/4 or 1/8 scale, the smallest that stays at least the requested size; asking
         # for half the target side makes the result land below the limit (each side < 2x the request).
@@ -186,11 +191,22 @@ def _target_size(size: tuple[int, int], train_size: tuple[int, int] | None) -> t
 
 def load_image(path: Path, train_size: tuple[int, int] | None, keep_alpha: bool) -> tuple[Image.Image, Image.Image | None]:
     """Decode one image: EXIF orientation, RGB + optional alpha, resized to `train_size` (None = keep size)."""
+    rgb, alpha, _ = _load_image(path, train_size, keep_alpha)
+    return rgb, alpha
+
+
+def _load_image(path: Path, train_size: tuple[int, int] | None,
+                keep_alpha: bool) -> tuple[Image.Image, Image.Image | None, tuple[int, int]]:
+    """`load_image`, plus the image's (width, height) upright, before any resizing (SDXL's original size)."""
     try:
         img = _open_limited(path)
         with img:
+            full = img.info.get("full_size", img.size)
+            before = img.size
             img.load()
             img = ImageOps.exif_transpose(img)
+            if img.size != before:  # an EXIF rotation by 90 degrees swaps the sides
+                full = (full[1], full[0])
             rgb, alpha = _to_rgb_and_alpha(img)
     except _DECODE_ERRORS as e:
         raise _Skip(f"cannot be decoded ({e})") from None
@@ -198,7 +214,7 @@ def load_image(path: Path, train_size: tuple[int, int] | None, keep_alpha: bool)
     if rgb.size != size:
         rgb = rgb.resize(size, Image.Resampling.BICUBIC)  # stretches, like A1111: no crop
         alpha = alpha.resize(size, Image.Resampling.BICUBIC) if alpha is not None else None
-    return rgb, (alpha if keep_alpha else None)
+    return rgb, (alpha if keep_alpha else None), full
 
 
 def _candidates(folder: Path) -> tuple[list[Path], list[str]]:
@@ -235,8 +251,8 @@ def load_dataset(
     images = []
     for path in files:
         try:
-            rgb, alpha = load_image(path, train_size, keep_alpha)
-            images.append(DatasetImage(path, caption_for(path, regex, filename_join), rgb, alpha))
+            rgb, alpha, full = _load_image(path, train_size, keep_alpha)
+            images.append(DatasetImage(path, caption_for(path, regex, filename_join), rgb, alpha, full))
         except _Skip as e:
             skipped.append(f"{path.name}: {e}")
     if not images:
@@ -278,6 +294,7 @@ class LatentCache:
     `mean[i]` is [F, 4, h, w] (F = 2 with flips, else 1); `std[i]` is kept only for `random` sampling, where a
     fresh sample `mean + std * noise` is drawn each time the image is used. `weight[i]` is [F, 1, h, w].
     A lazy cache (`pending` set) encodes each image's group on the first batch that uses it; `fill()` the rest.
+    `time_ids` [N, 6] is each image's SDXL size conditioning (see `size_conditioning`).
     """
 
     mean: list[torch.Tensor | None]
@@ -285,6 +302,11 @@ class LatentCache:
     weight: list[torch.Tensor] | None = None
     flips: bool = False
     pending: "_GroupEncoder | None" = field(default=None, repr=False)
+    time_ids: torch.Tensor | None = None
+
+    def time_ids_for(self, indices: Sequence[int]) -> torch.Tensor:
+        """SDXL's `time_ids` [B, 6] for one micro-batch (a mirrored image has the same: nothing is cropped)."""
+        return self.time_ids[list(indices)]
 
     def batch(self, indices: Sequence[int], flipped: Sequence[bool], generator: torch.Generator | None = None):
         """Latents [B, 4, h, w] (float32) and weights [B, 1, h, w] (or None) for one micro-batch."""
@@ -372,6 +394,14 @@ class _GroupEncoder:
                     cache.std[i] = std[k]
 
 
+def size_conditioning(item: DatasetImage) -> tuple[int, int, int, int, int, int]:
+    """SDXL's micro-conditioning for one training image, as kohya's sd-scripts computes it: the original size
+    (height, width) before resizing, the crop's top-left (top, left), the target size (height, width) of its
+    bucket. Images here are resized whole (stretched, never cropped), so the crop is (0, 0), also mirrored."""
+    width, height = item.original_size or item.size
+    return height, width, 0, 0, item.size[1], item.size[0]
+
+
 @torch.no_grad()
 def build_latent_cache(
     vae, dataset: Dataset, sampling: LatentSampling, flips: bool, use_alpha: bool,
@@ -400,7 +430,9 @@ def build_latent_cache(
     groups = _encode_groups(dataset, flips, device)
     n = len(dataset.images)
     cache = LatentCache([None] * n, [None] * n if sampling == LatentSampling.RANDOM else None,
-                        weights if use_alpha else None, flips)
+                        weights if use_alpha else None, flips,
+                        time_ids=torch.tensor([size_conditioning(item) for item in dataset.images],
+                                              dtype=torch.float32, device=device))
     cache.pending = _GroupEncoder(vae, dataset, flips, sampling, noise, groups,
                                   {i: g for g, members in enumerate(groups) for i in members})
     if not lazy:

@@ -57,11 +57,28 @@ class Embedding:
             return int(self.vectors.shape[1])
         return sum(int(t.shape[-1]) for t in self.parts.values())
 
+    @property
+    def all_vectors(self) -> torch.Tensor:
+        """`[num_vectors, width]`: the vectors, or an SDXL pair's clip_l and clip_g rows side by side (what the
+        trainer optimises as one tensor)."""
+        if self.vectors is not None:
+            return self.vectors
+        return torch.cat([self.parts["clip_l"], self.parts["clip_g"]], dim=1)
+
     def with_vectors(self, vectors: torch.Tensor, step: int | None = None, name: str | None = None) -> "Embedding":
-        """A copy with new vectors (detached float32 CPU) and optionally a new step and name."""
+        """A copy with new vectors (detached float32 CPU) and optionally a new step and name.
+
+        For an SDXL pair `vectors` is `[n, width]` as `all_vectors` lays it out; it is split into clip_l/clip_g."""
+        vectors = vectors.detach().to("cpu", torch.float32).clone()
+        parts: dict[str, torch.Tensor] = {}
+        if self.is_sdxl:
+            split = int(self.parts["clip_l"].shape[1])
+            parts = {"clip_l": vectors[:, :split].clone(), "clip_g": vectors[:, split:].clone()}
+            vectors = None
         return replace(
             self,
-            vectors=vectors.detach().to("cpu", torch.float32).clone(),
+            vectors=vectors,
+            parts=parts,
             step=self.step if step is None else step,
             name=self.name if name is None else name,
         )

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import sdxl
 from .config import Paths, TrainConfig
 from .errors import BusyError, TinvError
 from .events import Finished, Preview, Saved, Started, Step
@@ -149,7 +148,6 @@ class TrainingRunner:
         """Start training `cfg` on a background thread; `BusyError` if a run is still active."""
         with self._lock:
             self.check_idle()
-            sdxl.check_trainable(self.studio)  # refused here, as a message, before a job exists
             self._current = TrainingJob(self.studio, cfg, self.library, self.paths).start()
             return self._current
 

@@ -12,7 +12,8 @@ vector comes from the first chunk; an empty negative prompt is all zeros (A1111'
 (A1111 ignores it there too): both encoders always give their penultimate layer.
 
 An SDXL embedding is a pair `{"clip_l": [n, 768], "clip_g": [n, 1280]}`: `clip_l` is spliced into the first
-encoder's token lookup, `clip_g` into the second's, at the same prompt positions.
+encoder's token lookup, `clip_g` into the second's, at the same prompt positions. Training optimises both as
+one `[n, 768 + 1280]` tensor (`TrainingEncoder`): one AdamW, one gradient clip over both sets.
 """
 
 from __future__ import annotations
@@ -24,14 +25,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError, TrainingError
+from .errors import ModelLoadError
 from .tiny_model import tiny_sdxl_model_dir
 from .tokens import PromptEncoder
 
 log = logging.getLogger(__name__)
-
-TRAINING_NOT_AVAILABLE = ("training SDXL embeddings is not available yet: the loaded model is SDXL. Create "
-                          "and generate work with it; to train, load an SD 1.x/2.x model (or the tiny test model).")
 
 
 # -- the loaded model ----------------------------------------------------------------------------------------
@@ -90,12 +88,6 @@ def load_tiny(cache_dir: Path):
     return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model_dir(cache_dir), local_files_only=True)
 
 
-def check_trainable(studio) -> None:
-    """Raise `TrainingError` with the reason when the loaded model cannot be trained on."""
-    if studio.loaded and studio.is_sdxl:
-        raise TrainingError(TRAINING_NOT_AVAILABLE)
-
-
 def library_pairs(library) -> dict[str, dict[str, torch.Tensor]]:
     """name -> {"clip_l", "clip_g"} of the library's loaded SDXL embeddings."""
     return {n: dict(e.embedding.parts) for n, e in library.loaded.items() if e.embedding.is_sdxl}
@@ -127,10 +119,11 @@ class SDXLPromptEncoder:
                                              (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g"))
         ]
 
-    def encode(self, prompts: list[str], max_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def encode(self, prompts: list[str], max_chunks: int | None = None,
+               min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         outputs, used = [], []
         for encoder in self.encoders:
-            z, names = encoder.encode(prompts, max_chunks=max_chunks)
+            z, names = encoder.encode(prompts, max_chunks=max_chunks, min_chunks=min_chunks)
             outputs.append(z)
             used = used or names
         first, second = outputs
@@ -140,6 +133,37 @@ class SDXLPromptEncoder:
         chunks = first.shape[1] // 77
         pooled = pooled.reshape(len(prompts), chunks, -1)[:, 0]  # A1111: the pooled output of the first chunk
         return torch.cat([first, second.to(first.dtype)], dim=-1), pooled, used
+
+
+def split_pair(vectors: torch.Tensor, clip_l_width: int) -> dict[str, torch.Tensor]:
+    """`[n, width_l + width_g]` → {"clip_l": [n, width_l], "clip_g": [n, width_g]} (views: gradients flow back)."""
+    return {"clip_l": vectors[:, :clip_l_width], "clip_g": vectors[:, clip_l_width:]}
+
+
+class TrainingEncoder:
+    """`SDXLPromptEncoder` for training: the trained pair is one `[n, width_l + width_g]` parameter, sliced
+    into its clip_l/clip_g parts at every `encode` so both encoders' gradients reach it.
+
+    `encode` returns (conditioning, pooled, names used); `tokenize` and `vectors` are as a `PromptEncoder`'s
+    (`vectors` maps names to pairs, the trained one as it stands now)."""
+
+    def __init__(self, pipe, others: Mapping[str, Mapping[str, torch.Tensor]], name: str,
+                 vectors: torch.Tensor) -> None:
+        self.name, self.trained = name, vectors
+        self.clip_l_width = token_widths(pipe)[0]
+        self.others = dict(others)
+        self.inner = SDXLPromptEncoder(pipe, {**self.others, name: split_pair(vectors.detach(), self.clip_l_width)})
+        self.tokenize = self.inner.encoders[0].tokenize
+
+    @property
+    def vectors(self) -> dict[str, Mapping[str, torch.Tensor]]:
+        return {**self.others, self.name: split_pair(self.trained.detach(), self.clip_l_width)}
+
+    def encode(self, prompts: list[str], min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        pair = split_pair(self.trained, self.clip_l_width)  # fresh views in this step's autograd graph
+        for encoder, part in zip(self.inner.encoders, ("clip_l", "clip_g")):
+            encoder.vectors[self.name] = pair[part]
+        return self.inner.encode(prompts, min_chunks=min_chunks)
 
 
 def conditioning(pipe, prompt: str, negative_prompt: str, batch_size: int,

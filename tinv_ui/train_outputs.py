@@ -163,7 +163,7 @@ def render_preview(run: Run, step: int, prompt: str) -> Preview:
     from . import generation
 
     gen_cfg = _preview_config(run.cfg, prompt)
-    vectors = {**run.encoder.vectors, run.name: run.vectors.detach()}
+    vectors = run.named_vectors()
     with run.studio.session(what=f"training {run.name}: preview at step {step}"):
         rendered = generation.render(run.studio, gen_cfg, vectors, run.plan.hashes)
         if run.vae_hook is not None:

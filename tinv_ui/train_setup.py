@@ -44,7 +44,7 @@ class Plan:
     embedding: Embedding  # the vectors and step the run starts from
     path: Path  # the library file the final result overwrites
     start_file: Path  # where the starting vectors come from: `path`, or a newer copy left by a killed run
-    others: dict[str, torch.Tensor]  # the other loaded embeddings, usable in captions
+    others: dict[str, Any]  # the other loaded embeddings, usable in captions (SDXL: name -> clip_l/clip_g pair)
     hashes: dict[str, str]
     lr: Schedule
     clip: Schedule | None
@@ -69,7 +69,6 @@ class Plan:
 # ---------------------------------------------------------------------------------------------------
 def preflight(studio: Studio, cfg: TrainConfig, library, paths: Paths) -> Plan:
     """Run every check that can fail before touching the GPU; returns what the run needs."""
-    sdxl.check_trainable(studio)
     emb, path = _find_embedding(studio, cfg, library)
     root = _log_root(cfg, paths)
     emb, start_file, notes = _newest_good_state(root, emb, path)
@@ -83,7 +82,8 @@ def preflight(studio: Studio, cfg: TrainConfig, library, paths: Paths) -> Plan:
     builder = PromptBuilder(template, emb.name, cfg.shuffle_tags, cfg.tag_dropout)
     size = None if cfg.keep_size else (cfg.width, cfg.height)
     dataset = load_dataset(cfg.dataset_dir, size, cfg.filename_regex, cfg.filename_join, cfg.use_alpha_weight)
-    others = {k: v for k, v in library.vectors().items() if k.lower() != emb.name.lower()}
+    usable = sdxl.library_pairs(library) if studio.is_sdxl else library.vectors()
+    others = {k: v for k, v in usable.items() if k.lower() != emb.name.lower()}
     _check_name_in_prompts(studio, builder, dataset, others, emb.num_vectors)
     out_dir = _output_dir(root, emb.name, emb.step or 0)
     _check_disk(cfg, emb, out_dir, path)
@@ -97,14 +97,18 @@ def preflight(studio: Studio, cfg: TrainConfig, library, paths: Paths) -> Plan:
 
 def _find_embedding(studio: Studio, cfg: TrainConfig, library) -> tuple[Embedding, Path]:
     expected = studio.embedding_width
-    library.refresh(expected_width=expected, tokenizer=studio.tokenizer)
+    library.rescan_for(studio)
     wanted = cfg.embedding.strip().lower()
     if not any(n.lower() == wanted for n in library.loaded):
         for skipped in (s for s in library.skipped if s.name.lower() == wanted):
             try:
-                width = formats.read(skipped.path).width
+                skipped_emb = formats.read(skipped.path)
             except TinvError:  # unreadable: library.get below says why
                 continue
+            if skipped_emb.is_sdxl != studio.is_sdxl:
+                raise ShapeMismatchError(f"embedding {skipped.name!r} ({skipped.path.name}) does not fit the loaded "
+                                         f"model: {skipped.reason}.")
+            width = skipped_emb.width
             if width != expected:
                 raise ShapeMismatchError(
                     f"embedding {skipped.name!r} ({skipped.path.name}) does not fit the loaded model: expected "
@@ -113,13 +117,13 @@ def _find_embedding(studio: Studio, cfg: TrainConfig, library) -> tuple[Embeddin
                 )
     entry = library.get(cfg.embedding.strip())
     emb = entry.embedding
-    if emb.is_sdxl or emb.width != expected:
+    if emb.is_sdxl != studio.is_sdxl or emb.width != expected:
         kind = "an SDXL (clip_l + clip_g) embedding" if emb.is_sdxl else f"vectors of width {emb.width}"
         raise ShapeMismatchError(
             f"embedding {entry.name!r} has {kind}; the loaded model expects width {expected} "
             f"(expected {expected}, actual {emb.width}). Create a new embedding for this model."
         )
-    if not bool(torch.isfinite(emb.vectors).all()):
+    if not bool(torch.isfinite(emb.all_vectors).all()):
         raise TrainingError(f"embedding {entry.name!r} contains NaN/inf values; create it again.")
     return replace(emb, name=entry.name), Path(entry.path)
 
@@ -150,13 +154,13 @@ def _newest_good_state(root: Path, emb: Embedding, path: Path) -> tuple[Embeddin
         except TinvError as e:
             log.warning("ignoring %s: %s", copy, e)
             continue
-        if saved.vectors is None or saved.vectors.shape != emb.vectors.shape or saved.step != step:
+        if saved.is_sdxl != emb.is_sdxl or saved.all_vectors.shape != emb.all_vectors.shape or saved.step != step:
             continue
-        if not bool(torch.isfinite(saved.vectors).all()):
+        if not bool(torch.isfinite(saved.all_vectors).all()):
             continue
         note = (f"Resuming from {copy.name} (step {step}), the newest copy of a run that did not finish; "
                 f"{path.name} held step {emb.step or 0}.")
-        return emb.with_vectors(saved.vectors, step=step), copy, (note,)
+        return emb.with_vectors(saved.all_vectors, step=step), copy, (note,)
     return emb, path, ()
 
 
@@ -170,10 +174,10 @@ def _check_steps(cfg: TrainConfig, emb: Embedding) -> None:
 
 
 def _check_name_in_prompts(studio: Studio, builder: PromptBuilder, dataset: Dataset,
-                           others: dict[str, torch.Tensor], num_vectors: int) -> None:
+                           others: dict[str, Any], num_vectors: int) -> None:
     """Every template line must put the embedding in the prompt as its own word (A1111 issues #5141, #6705)."""
-    tokenize = PromptTokenizer(studio.tokenizer, {**{k: int(v.shape[0]) for k, v in others.items()},
-                                                  builder.name: num_vectors})
+    counts = {k: int((v["clip_l"] if isinstance(v, dict) else v).shape[0]) for k, v in others.items()}
+    tokenize = PromptTokenizer(studio.tokenizer, {**counts, builder.name: num_vectors})
     for prompt in builder.every_line(dataset.images[0].caption):
         if builder.name not in tokenize(prompt).used:
             raise ConfigError(
@@ -323,10 +327,10 @@ class Run:
 
     studio: Studio
     plan: Plan
-    vectors: nn.Parameter  # [n, d] fp32 on the device: the only trainable tensor
+    vectors: nn.Parameter  # [n, d] fp32 on the device: the only trainable tensor (SDXL: clip_l | clip_g)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    encoder: PromptEncoder
+    encoder: PromptEncoder | sdxl.TrainingEncoder  # SDXL: `encode` also gives the pooled output
     unet: Any  # the studio's UNet, or its compiled wrapper
     base_unet: Any  # the studio's UNet itself, to notice a model switch between steps
     unet_dtype: torch.dtype  # read once: `unet.dtype` walks every module
@@ -358,6 +362,16 @@ class Run:
     def is_main(self) -> bool:
         return self.accelerator is None or self.accelerator.is_main_process
 
+    @property
+    def is_sdxl(self) -> bool:
+        return isinstance(self.encoder, sdxl.TrainingEncoder)
+
+    def named_vectors(self) -> dict[str, Any]:
+        """Every usable embedding by name, the trained one as it stands (detached): what a preview renders with."""
+        if self.is_sdxl:
+            return self.encoder.vectors
+        return {**self.encoder.vectors, self.name: self.vectors.detach()}
+
     def resume_state(self) -> dict:
         """What the `.optim` keeps beside AdamW's state so a resumed run continues exactly (see DataOrder)."""
         return {"seed": self.plan.seed, "step": self.step, "torch_rng": self.generator.get_state(),
@@ -374,7 +388,7 @@ def prepare(studio: Studio, plan: Plan, unet, optimizer_for, accelerator) -> Run
     rank = accelerator.process_index if accelerator is not None else 0  # each GPU draws its own batches
     generator = torch.Generator(device=device).manual_seed(plan.seed + rank)
     rng = random.Random(plan.seed + rank)
-    for module in (studio.pipeline.unet, studio.pipeline.vae, studio.text_encoder):
+    for module in (studio.pipeline.unet, studio.pipeline.vae, *sdxl.text_encoders(studio.pipeline)):
         module.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(studio.pipeline.scheduler.config)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
@@ -386,8 +400,10 @@ def prepare(studio: Studio, plan: Plan, unet, optimizer_for, accelerator) -> Run
     # RAM between steps.
     latents = build_latent_cache(studio.pipeline.vae, plan.dataset, cfg.latent_sampling, cfg.flip,
                                  cfg.use_alpha_weight, generator, lazy=not vae_offload_wanted(device))
-    vectors = nn.Parameter(plan.embedding.vectors.to(device, torch.float32).clone())
-    others = {k: v.to(device) for k, v in plan.others.items()}
+    # SDXL: clip_l and clip_g side by side in one tensor (`Embedding.all_vectors`), trained jointly
+    vectors = nn.Parameter(plan.embedding.all_vectors.to(device, torch.float32).clone())
+    others = {k: ({p: t.to(device) for p, t in v.items()} if isinstance(v, dict) else v.to(device))
+              for k, v in plan.others.items()}
     amp = amp_dtype(studio)
     sampler = BucketBatchSampler(plan.dataset.buckets, cfg.batch_size, rng)
     data_order = DataOrder(sampler, rng)
@@ -397,7 +413,10 @@ def prepare(studio: Studio, plan: Plan, unet, optimizer_for, accelerator) -> Run
                   f"{sampler.batch_size}.",)
     main = accelerator is None or accelerator.is_main_process
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    encoder = PromptEncoder(studio.tokenizer, studio.text_encoder, {**others, plan.name: vectors})
+    if studio.is_sdxl:
+        encoder = sdxl.TrainingEncoder(studio.pipeline, others, plan.name, vectors)
+    else:
+        encoder = PromptEncoder(studio.tokenizer, studio.text_encoder, {**others, plan.name: vectors})
     return Run(
         studio=studio, plan=plan, vectors=vectors, optimizer=optimizer_for(plan, vectors),
         scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),  # fp16 only; bf16 needs none
@@ -412,7 +431,7 @@ def prepare(studio: Studio, plan: Plan, unet, optimizer_for, accelerator) -> Run
     )
 
 
-def longest_prompt_chunks(plan: Plan, encoder: PromptEncoder) -> int:
+def longest_prompt_chunks(plan: Plan, encoder: PromptEncoder | sdxl.TrainingEncoder) -> int:
     """77-token chunks of the longest prompt the run can build (every template line with every full caption).
 
     A compiled UNet (static shapes) gets every micro-batch padded to this count: a caption over 75 tokens

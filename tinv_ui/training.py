@@ -11,6 +11,11 @@ What is trained: ONLY the embedding's `[num_vectors, width]` vectors, an fp32 `n
 token lookup by `tokens.PromptEncoder`. The text encoder, UNet and VAE are frozen (`requires_grad=False`) and
 AdamW (weight_decay 0, as A1111) sees the vectors alone, so nothing else can move.
 
+SDXL: the parameter holds the pair's clip_l and clip_g rows side by side (`sdxl.TrainingEncoder` splices each
+part into its encoder), so both sets are trained jointly by one AdamW and clipped together. The UNet also
+gets the second encoder's pooled output and each image's size conditioning (`dataset.size_conditioning`:
+original size, crop top-left, target size, as kohya's sd-scripts), cached with its latents.
+
 Deliberate differences from AUTOMATIC1111 (its modules/textual_inversion/textual_inversion.py `train_embedding`):
 - the learning-rate schedule never ends a run early: its last rate continues to max_steps (`schedules.py`);
 - gradient clipping acts on the true (unscaled) gradients; steps the fp16 GradScaler skips are still counted;
@@ -84,7 +89,7 @@ def train(studio: Studio, cfg: TrainConfig, library, paths: Paths, stop: threadi
     # The UNet/VAE settings are restored before the last events, so a consumer that stops reading at
     # Finished leaves nothing behind.
     if run.is_main:
-        library.refresh(expected_width=studio.embedding_width, tokenizer=studio.tokenizer)
+        library.rescan_for(studio)
     yield from closing
 
 
@@ -173,10 +178,10 @@ def optimizer_step(run: Run, lr: float, clip: float | None) -> tuple[float, floa
             batch = _next_batch(run)
             first_prompt = first_prompt or batch.prompts[0]
             with torch.autocast(run.vectors.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-                # every chunk: a long caption must not cut off [name]; compiled: always run.chunks chunks
-                cond, _ = run.encoder.encode(batch.prompts, min_chunks=run.chunks)
+                cond, added = _conditioning(run, batch)
                 loss = diffusion_loss(run.unet, run.noise_scheduler, batch.latents, cond, batch.weights, run.generator,
-                                      memory_format=run.memory_format, dtype=run.unet_dtype) / accumulation
+                                      memory_format=run.memory_format, dtype=run.unet_dtype,
+                                      added_cond_kwargs=added) / accumulation
             run.scaler.scale(loss).backward()
             total += loss.detach()
     if run.accelerator is not None and run.accelerator.num_processes > 1:  # data parallel: average over GPUs
@@ -202,6 +207,18 @@ class _Batch:
     prompts: list[str]
     latents: torch.Tensor  # [B, 4, h, w]
     weights: torch.Tensor | None  # [B, 1, h, w] alpha maps
+    time_ids: torch.Tensor | None = None  # [B, 6] SDXL size conditioning (`dataset.size_conditioning`)
+
+
+def _conditioning(run: Run, batch: _Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """The UNet's text conditioning for a micro-batch, and for SDXL its added conditioning (pooled text, time ids).
+
+    Every chunk is encoded (a long caption must not cut off [name]); compiled: always `run.chunks` chunks."""
+    if not run.is_sdxl:
+        cond, _ = run.encoder.encode(batch.prompts, min_chunks=run.chunks)
+        return cond, None
+    cond, pooled, _ = run.encoder.encode(batch.prompts, min_chunks=run.chunks)
+    return cond, {"text_embeds": pooled.to(run.unet_dtype), "time_ids": batch.time_ids.to(run.unet_dtype)}
 
 
 def _next_batch(run: Run) -> _Batch:
@@ -212,17 +229,20 @@ def _next_batch(run: Run) -> _Batch:
     images = run.plan.dataset.images
     prompts = [run.plan.prompts(images[i].caption, order.rng) for i in indices]
     latents, weights = run.latents.batch(indices, flips, run.generator)
-    return _Batch(prompts, latents, weights)
+    time_ids = run.latents.time_ids_for(indices) if run.is_sdxl else None
+    return _Batch(prompts, latents, weights, time_ids)
 
 
 def diffusion_loss(unet, scheduler, latents, cond, weights=None, generator=None, timesteps=None, noise=None,
-                   memory_format=torch.contiguous_format, dtype: torch.dtype | None = None) -> torch.Tensor:
+                   memory_format=torch.contiguous_format, dtype: torch.dtype | None = None,
+                   added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The LDM training loss: noise the latents at random timesteps, MSE of the UNet output vs its target.
 
     The target is the noise (`epsilon`) or the velocity (`v_prediction`), per the scheduler config.
     `weights` ([B, 1, h, w], alpha maps) multiply the per-element error before the mean.
     Pass `timesteps`/`noise` to fix them (tests); otherwise they are drawn from `generator`.
     `dtype` is the UNet's (the trainer reads it once per run; `unet.dtype` walks every module).
+    `added_cond_kwargs`: SDXL's pooled text embeds and time ids, passed to the UNet as given.
     """
     latents = latents.float()
     if noise is None:
@@ -235,7 +255,8 @@ def diffusion_loss(unet, scheduler, latents, cond, weights=None, generator=None,
     target = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
     dtype = dtype or unet.dtype
     x = noisy.to(dtype).contiguous(memory_format=memory_format)
-    pred = unet(x, timesteps, cond.to(dtype)).sample.float()
+    extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+    pred = unet(x, timesteps, cond.to(dtype), **extra).sample.float()
     err = (pred - target) ** 2  # [B, 4, h, w]
     if weights is not None:
         err = err * weights
