@@ -70,6 +70,7 @@ class Plan:
 def preflight(studio: Studio, cfg: TrainConfig, library, paths: Paths) -> Plan:
     """Run every check that can fail before touching the GPU; returns what the run needs."""
     emb, path = _find_embedding(studio, cfg, library)
+    emb = with_sidecar_step(path, emb)
     root = _log_root(cfg, paths)
     emb, start_file, notes = _newest_good_state(root, emb, path)
     _check_steps(cfg, emb)
@@ -150,7 +151,7 @@ def _newest_good_state(root: Path, emb: Embedding, path: Path) -> tuple[Embeddin
                 found.append((int(match.group(1)), with_time, copy))
     for step, _, copy in sorted(found, reverse=True):
         try:
-            saved = formats.read(copy)
+            saved = with_sidecar_step(copy, formats.read(copy))
         except TinvError as e:
             log.warning("ignoring %s: %s", copy, e)
             continue
@@ -162,6 +163,18 @@ def _newest_good_state(root: Path, emb: Embedding, path: Path) -> tuple[Embeddin
                 f"{path.name} held step {emb.step or 0}.")
         return emb.with_vectors(saved.all_vectors, step=step), copy, (note,)
     return emb, path, ()
+
+
+def with_sidecar_step(path: Path, emb: Embedding) -> Embedding:
+    """`emb`, with the step its `.optim` records when the file itself holds none: an SDXL `.pt` keeps only
+    clip_l and clip_g (what every SDXL tool reads), so the trainer's `.optim` is where its step survives."""
+    if emb.step is not None or not emb.is_sdxl:
+        return emb
+    sidecar = formats.read_optim_sidecar(path, emb)
+    saved = sidecar.get(RESUME_KEY) if sidecar is not None else None
+    if isinstance(saved, dict) and isinstance(saved.get("step"), int):
+        return replace(emb, step=saved["step"])
+    return emb
 
 
 def _check_steps(cfg: TrainConfig, emb: Embedding) -> None:
