@@ -1,4 +1,4 @@
-"""SDXL on the tiny SDXL-shaped model: loading, fp16 VAE upcast, prompts, generation, and training refusal."""
+"""SDXL on the tiny SDXL-shaped model: loading, fp16 VAE upcast, prompts, generation (training: test_sdxl_training.py)."""
 
 from __future__ import annotations
 
@@ -233,23 +233,6 @@ def test_model_picker_shows_sdxl_family_and_sizes_follow(paths):
     status = load_model(ctx, TINY_SDXL)
     assert "tiny SDXL test model (random weights)" in status and "embeddings SDXL (32 + 64)" in status
     assert "native 128px" in status and ctx.native_resolution == TINY_SDXL_RESOLUTION
-
-
-def test_training_an_sdxl_model_is_refused_with_a_message(sdxl_studio, paths, images):
-    from tinv_ui.config import TrainConfig
-    from tinv_ui.errors import TrainingError
-    from tinv_ui.jobs import TrainingRunner
-    from tinv_ui.library import EmbeddingLibrary
-    from tinv_ui.training import preflight
-
-    cfg = TrainConfig(embedding="anything", dataset_dir=str(images), max_steps=2)
-    library = EmbeddingLibrary(paths.embeddings_dir)
-    runner = TrainingRunner(sdxl_studio, library, paths)
-    with pytest.raises(TrainingError, match="^training SDXL embeddings is not available yet"):
-        runner.start(cfg)
-    assert runner.current is None
-    with pytest.raises(TrainingError, match="^training SDXL embeddings is not available yet"):
-        preflight(sdxl_studio, cfg, library, paths)
 
 
 def test_sdxl_diffusers_folder_loads_and_a_refiner_folder_is_refused(cache_dir, tmp_path):

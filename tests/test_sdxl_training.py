@@ -200,3 +200,44 @@ def test_cli_trains_the_tiny_sdxl_model(tmp_path, sdxl_studio, cache_dir):
     assert lines[-1].startswith("finished at step 2:")
     trained = formats.read(tmp_path / "emb" / "clixl.safetensors")
     assert trained.is_sdxl and trained.step == 2
+
+
+def test_fp16_sdxl_trains_with_the_latent_cache_encoded_in_fp32(cache_dir, paths, images):
+    """The SDXL VAE overflows fp16 (`force_upcast`): the latent cache is encoded in fp32 while the frozen UNet stays
+    fp16. The tiny VAE's first encoder conv is scaled up so that an fp16 encode would give inf (the GroupNorm after
+    it undoes the scale in fp32)."""
+    from tinv_ui.config import ModelSpec
+    from tinv_ui.studio import Studio
+    from tinv_ui.tiny_model import TINY_SDXL
+
+    studio = Studio(paths)
+    studio.load(ModelSpec(TINY_SDXL, dtype="float16"))
+    pipe = studio.pipeline
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+    with torch.no_grad():
+        pipe.vae.encoder.conv_in.weight.mul_(1e5)
+        pipe.vae.encoder.conv_in.bias.mul_(1e5)
+    seen = []
+    handle = pipe.vae.encoder.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    unet_dtypes = []
+    unet_handle = pipe.unet.register_forward_pre_hook(lambda _m, args: unet_dtypes.append(args[0].dtype))
+    try:
+        make_pair(studio, paths)
+        events = run(studio, paths, config(images, max_steps=2))
+    finally:
+        handle.remove()
+        unet_handle.remove()
+    assert seen and set(seen) == {torch.float32}
+    assert set(unet_dtypes) == {torch.float16}
+    assert all(torch.isfinite(torch.tensor(e.loss)) for e in events if isinstance(e, Step))
+    trained = formats.read(paths.embeddings_dir / f"{NAME}.safetensors")
+    assert trained.step == 2 and all(torch.isfinite(t).all() for t in trained.parts.values())
+
+
+def test_an_sd_embedding_with_the_sdxl_model_is_refused_with_the_family_reason(sdxl_studio, paths, images):
+    from tinv_ui.embedding import Embedding
+    from tinv_ui.errors import ShapeMismatchError
+
+    formats.write(Embedding("sdone", torch.zeros(2, 768), step=0), paths.embeddings_dir / "sdone.pt")
+    with pytest.raises(ShapeMismatchError, match="an SD 1.x/2.x embedding .* does not fit the loaded SDXL model"):
+        run(sdxl_studio, paths, config(images, embedding="sdone"))

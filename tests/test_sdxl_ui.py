@@ -1,12 +1,11 @@
 """The app on the tiny SDXL model, over HTTP (gradio_client): Create makes a pair, Generate uses it at the model's
-size with its TI hash, Train answers that SDXL training is not available yet."""
+size with its TI hash, Train trains the pair and shows its previews."""
 
 from __future__ import annotations
 
 import pytest
 from browser_app import free_port
 from gradio_client import Client
-from gradio_client.exceptions import AppError
 from safetensors import safe_open
 from test_ui import generate_kwargs
 
@@ -26,8 +25,11 @@ def served_sdxl(sdxl_studio, paths, tmp_path, monkeypatch):
     _, url, _ = launch(demo, paths, port=free_port(), prevent_thread_lock=True)
     client = Client(url, verbose=False)
     try:
-        yield client, library, paths
+        yield client, library, paths, runner
     finally:
+        if runner.current is not None:
+            runner.current.stop()
+            runner.current.wait(30)
         client.close()
         demo.close()
 
@@ -37,8 +39,8 @@ def _defaults(client, endpoint):
     return {p["parameter_name"]: p["parameter_default"] for p in api}
 
 
-def test_sdxl_create_generate_and_train_refusal_over_http(served_sdxl, images):
-    client, library, paths = served_sdxl
+def test_sdxl_create_generate_and_train_over_http(served_sdxl, images):
+    client, library, paths, runner = served_sdxl
     create = _defaults(client, "/create_embedding")
     assert create["file_format"] == "auto"
     status = client.predict(**{**create, "name": "xlweb", "initializer": "gold", "num_vectors": 2},
@@ -55,7 +57,13 @@ def test_sdxl_create_generate_and_train_refusal_over_http(served_sdxl, images):
     assert len(gallery) == 1 and f"Size: {size}x{size}" in infotext
     assert f'TI hashes: "xlweb: {library.get("xlweb").shorthash}"' in infotext
 
-    train = {**_defaults(client, "/start_training"), "embedding": "xlweb", "dataset_dir": str(images), "max_steps": 2}
+    train = {**_defaults(client, "/start_training"), "embedding": "xlweb", "dataset_dir": str(images), "max_steps": 2,
+             "preview_every": 2, "preview_steps": 2, "save_every": 0}
     assert train["width"] == TINY_SDXL_RESOLUTION
-    with pytest.raises(AppError, match="training SDXL embeddings is not available yet"):
-        client.predict(**train, api_name="/start_training")
+    assert client.predict(**train, api_name="/start_training") == "Training xlweb started."
+    runner.current.wait(120)
+    snap = runner.current.snapshot()
+    assert snap.status.value == "finished", snap.message
+    assert snap.step == 2 and len(snap.previews) == 1
+    with safe_open(str(paths.embeddings_dir / "xlweb.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l"] and f.metadata()["step"] == "2"
