@@ -1,5 +1,5 @@
 """One SDXL flow in headless Chromium on the tiny SDXL model: the header names the family, sizes follow the model,
-Create writes a clip_l/clip_g pair, Train says SDXL training is not available yet, Generate uses the pair."""
+Create writes a clip_l/clip_g pair, Train trains it 4 steps with previews, Generate uses the trained pair."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import re
 
 from browser_app import browser_marks, chromium, field, open_page, pick_option, running_app, set_value
 from conftest import write_images
+from safetensors import safe_open
 
 pytestmark = browser_marks
 
 
-def test_sdxl_create_refused_training_and_generate(tmp_path, cache_dir):
+def test_sdxl_create_train_and_generate(tmp_path, cache_dir):
     from playwright.sync_api import expect
 
     dataset = tmp_path / "images"
@@ -29,9 +30,18 @@ def test_sdxl_create_refused_training_and_generate(tmp_path, cache_dir):
         expect(page.locator("#tinv-train-embedding input")).to_have_value("xl-web")
         expect(field(page, "tinv-train-width")).to_have_value("128")
         set_value(page, "tinv-train-dataset_dir", str(dataset))
+        for elem_id, value in (("max_steps", 4), ("preview_every", 2), ("save_every", 2), ("preview_prompt", "xl-web")):
+            set_value(page, f"tinv-train-{elem_id}", value)
+        page.get_by_text("Advanced", exact=True).click()
+        set_value(page, "tinv-train-preview_steps", 2)
         page.get_by_role("button", name="Start training").click()
-        expect(page.locator("[data-testid=toast-text]").last).to_contain_text(
-            "training SDXL embeddings is not available yet")
+        expect(page.locator("#tinv-train-progress")).to_contain_text("step 4/4 · finished", timeout=120_000)
+        expect(page.locator("#tinv-train-previews img")).to_have_count(2)
+        expect(page.locator("#tinv-loss-plot [aria-label^=\"X-axis titled 'step'\"]")).to_have_attribute(
+            "aria-label", re.compile(r"values from 1(\.0)? to 4(\.0)?$"))
+        expect(field(page, "tinv-train-saved")).to_have_value(re.compile(r"xl-web\.safetensors$"))
+        with safe_open(str(tmp_path / "embeddings" / "xl-web.safetensors"), framework="pt") as f:
+            assert sorted(f.keys()) == ["clip_g", "clip_l"] and f.metadata()["step"] == "4"
 
         page.get_by_role("tab", name="Generate").click()
         expect(field(page, "tinv-generate-width")).to_have_value("128")
