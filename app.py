@@ -7,14 +7,13 @@ files it can read and write) to others, so a warning is logged and `--auth user:
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 from pathlib import Path
 
-log = logging.getLogger("tinv_ui.app")
+from tinv_ui.confine import is_loopback  # light: no torch or gradio
 
-LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+log = logging.getLogger("tinv_ui.app")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,16 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.auth is not None and (":" not in args.auth or not all(args.auth.split(":", 1))):
         p.error("--auth must look like user:password")
     return args
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost; 0.0.0.0 and real interfaces are not."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def exposure_warning(host: str, share: bool, auth: str | None) -> str | None:

@@ -15,7 +15,7 @@ from starlette.middleware import Middleware
 
 from .. import __version__
 from ..config import Paths
-from ..confine import Confinement
+from ..confine import Confinement, is_loopback
 from ..jobs import TrainingRunner
 from ..library import EmbeddingLibrary
 from ..studio import Studio
@@ -23,7 +23,7 @@ from .context import CSS, UIContext, library_report
 from .create_tab import build_create_tab
 from .generate_tab import GenerateTab, build_generate_tab
 from .model_picker import build_model_picker, wire_load
-from .server_guard import ServerGuard, is_loopback
+from .server_guard import ServerGuard
 from .train_tab import TrainTab, build_train_tab
 
 TITLE = "tinv-ui: Textual Inversion"
