@@ -96,7 +96,7 @@ def preflight(studio: Studio, cfg: TrainConfig, library, paths: Paths) -> Plan:
 
 def _find_embedding(studio: Studio, cfg: TrainConfig, library) -> tuple[Embedding, Path]:
     expected = studio.embedding_width
-    library.refresh(expected_width=expected, tokenizer=studio.tokenizer)
+    library.rescan_for(studio)
     wanted = cfg.embedding.strip().lower()
     if not any(n.lower() == wanted for n in library.loaded):
         for skipped in (s for s in library.skipped if s.name.lower() == wanted):

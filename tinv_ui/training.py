@@ -84,7 +84,7 @@ def train(studio: Studio, cfg: TrainConfig, library, paths: Paths, stop: threadi
     # The UNet/VAE settings are restored before the last events, so a consumer that stops reading at
     # Finished leaves nothing behind.
     if run.is_main:
-        library.refresh(expected_width=studio.embedding_width, tokenizer=studio.tokenizer)
+        library.rescan_for(studio)
     yield from closing
 
 
