@@ -94,7 +94,8 @@ def test_sdxl_pair_round_trip(tmp_path, file):
     back = formats.read(formats.write(emb, tmp_path / file))
     assert back.is_sdxl and back.width == 2048 and back.num_vectors == 2
     assert all(torch.equal(back.parts[k], emb.parts[k]) for k in ("clip_l", "clip_g"))
-    assert back.step == 5
+    # the step survives only in .safetensors metadata: A1111 crashes on anything but the pair in a .pt or image
+    assert back.step == (5 if file.endswith(".safetensors") else None)
 
 
 def test_sdxl_cannot_be_written_as_single_tensor_layout(tmp_path):
