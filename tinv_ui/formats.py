@@ -60,6 +60,22 @@ MAX_STEP = 10**9
 MAX_SAFETENSORS_HEADER = 1024 * 1024
 
 
+# Where each kind of file this app writes loads: the README's "Where the files load" table is this table
+# (tests/test_formats.py checks that, and checks every "yes" with each peer's loading rule).
+# Columns: file, layout, A1111, ComfyUI, InvokeAI, diffusers `load_textual_inversion`, tinv-ui.
+PEER_COLUMNS = ("File", "Layout", "A1111", "ComfyUI", "InvokeAI", "diffusers", "tinv-ui")
+WHERE_FILES_LOAD = (
+    ("NAME.pt", "a1111", "yes", "yes", "yes", "yes", "yes"),
+    ("NAME.bin", "diffusers", "yes", "yes", "yes", "yes", "yes"),
+    ("NAME.safetensors", "kohya", "yes", "yes", "yes", "with `token=`", "yes"),
+    ("NAME.safetensors (SDXL)", "sdxl", "yes", "yes", "yes", "no", "yes"),
+    ("NAME.pt (SDXL)", "sdxl", "yes", "yes", "yes", "no", "yes"),
+    ("NAME.png", "image", "yes", "no", "no", "no", "yes"),
+    ("NAME.webp", "image", "yes", "no", "no", "no", "yes"),
+    ("NAME.pt.optim", "optimizer state", "yes", "-", "-", "-", "yes"),
+)
+
+
 class NotAnEmbeddingImage(EmbeddingFormatError):
     """An image with neither an `sd-ti-embedding` chunk nor pixel data: a preview, not an embedding."""
 
@@ -170,6 +186,7 @@ def _safe_globals() -> list[Any]:
 
 
 _RE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_RE_BUILD = re.compile(r"but got <class '([\w.]+)'>")  # torch's refusal to BUILD a type outside the allow-list
 
 
 def _load_pickle(path: Path) -> Any:
@@ -195,6 +212,10 @@ def _load_pickle(path: Path) -> Any:
                 f"{path.name} was refused and not executed: {what}, which an embedding never needs. "
                 "Only load files from sources you trust; ask for a .safetensors version."
             ) from e
+        built = _RE_BUILD.search(text)
+        if built:
+            raise EmbeddingFormatError(f"{path.name} was not loaded: it holds a {built.group(1)} object, and an "
+                                       "embedding holds only tensors, numbers and text.") from e
         # torch's own text advises weights_only=False, which would run the file: not repeated here
         raise EmbeddingFormatError(f"{path.name} is not a readable torch file (truncated or corrupt).") from e
     except Exception as e:  # noqa: BLE001 - torch reports damaged files through many exception types
