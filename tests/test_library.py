@@ -506,3 +506,27 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_a_printable_reason(folder)
     ((_, shown, reason),) = out["skipped"]
     assert shown == "caf\ufffd" and "not valid UTF-8" in reason and "rename" in reason
     reason.encode("utf-8")  # shown in the page: must be valid text
+
+
+def test_the_library_report_shows_names_and_reasons_literally(folder):
+    # Anyone can drop a file into embeddings/: its name must never become HTML or Markdown in the page.
+    import html
+    import re
+
+    from markdown_it import MarkdownIt
+
+    from tinv_ui.ui.context import library_report
+
+    hostile = ["<img src=x onerror=alert(1)>", "**x**", "[link](javascript:alert(1))", "`tick`", "a_b_c_", "# head"]
+    for i, name in enumerate(hostile):
+        _write(folder / f"{name}.pt", seed=i)
+    _write(folder / "<i>wide<i>.pt", d=768)  # skipped (width): its name is in the skip line and the reason
+    lib = EmbeddingLibrary(folder)
+    lib.refresh(expected_width=32)
+    assert sorted(lib.names()) == sorted(hostile)
+    rendered = MarkdownIt("commonmark").render(library_report(lib))  # raw HTML allowed, as in Gradio's Markdown
+    tags = set(re.findall(r"<(\w+)", rendered))
+    assert tags <= {"p", "strong", "ul", "li", "code"}, tags
+    text = html.unescape(re.sub(r"<[^>]+>", "", rendered))
+    for name in [*hostile, "<i>wide<i>"]:
+        assert name in text, name
