@@ -407,12 +407,21 @@ HOSTILE = {
 }
 
 
+def _high_water_kb() -> int:
+    """This process's peak resident memory so far (VmHWM), in KB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
 def refresh_in_child(folder: Path, seconds: float = 20, extra_memory: int = 1 << 30) -> dict:
     """`EmbeddingLibrary(folder).refresh()` in a forked child limited to `seconds` and `extra_memory` bytes
     more address space than it starts with; returns what it loaded and skipped, or fails the test.
 
     A child, because a hostile file can hang inside C code (hashing a tuple) that no thread or signal
-    interrupts, and can ask for more memory than the machine has; the child is killed instead.
+    interrupts, and can ask for more memory than the machine has; the child is killed instead. Also
+    returns the rescan's `seconds` and the growth of the child's peak memory (`peak_mb`).
     """
     import pickle
     import resource
@@ -427,10 +436,13 @@ def refresh_in_child(folder: Path, seconds: float = 20, extra_memory: int = 1 <<
             os.close(read_end)
             vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
             resource.setrlimit(resource.RLIMIT_AS, (vm + extra_memory, vm + extra_memory))
+            high_water_before = _high_water_kb()
+            start = time.perf_counter()
             lib = EmbeddingLibrary(folder)
             lib.refresh()
             out = {"loaded": {n: (e.embedding.vectors, e.embedding.step) for n, e in lib.loaded.items()},
-                   "skipped": [(s.path.name, s.name, s.reason) for s in lib.skipped]}
+                   "skipped": [(s.path.name, s.name, s.reason) for s in lib.skipped],
+                   "seconds": time.perf_counter() - start, "peak_mb": (_high_water_kb() - high_water_before) / 1024}
         except BaseException as e:  # noqa: BLE001 - reported to the parent
             out = {"error": f"{type(e).__name__}: {e}"[:2000]}
         os.write(write_end, pickle.dumps(out))
@@ -530,3 +542,20 @@ def test_the_library_report_shows_names_and_reasons_literally(folder):
     text = html.unescape(re.sub(r"<[^>]+>", "", rendered))
     for name in [*hostile, "<i>wide<i>"]:
         assert name in text, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file", list(HOSTILE))
+def test_one_hostile_file_adds_under_a_second_and_little_memory_to_a_rescan(tmp_path, file):
+    # The issue's bound: a rescan of a folder with one such file takes about a second more than without it.
+    plain, with_it = tmp_path / "plain", tmp_path / "with-it"
+    for folder in (plain, with_it):
+        folder.mkdir()
+        for i in range(5):
+            _write(folder / f"good{i}.pt", seed=i)
+    HOSTILE[file][0](with_it / file)
+    refresh_in_child(plain)  # warm the imports (safetensors, PIL plugins) in the parent for both children
+    base, hostile = refresh_in_child(plain), refresh_in_child(with_it)
+    assert len(hostile["loaded"]) + len(hostile["skipped"]) == 6
+    assert hostile["seconds"] - base["seconds"] < 1.0, (hostile["seconds"], base["seconds"])
+    assert hostile["peak_mb"] - base["peak_mb"] < 256, (hostile["peak_mb"], base["peak_mb"])
