@@ -28,12 +28,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
 from . import __version__
 from .config import SAMPLER_TABLE, SAMPLERS, Compile, GenerateConfig, Paths
-from .errors import ConfigError
+from .errors import ConfigError, TinvError
 from .events import Generated, Step
 from .fileio import atomic_write, disk_full_is_said
 from .tokens import PromptEncoder
@@ -196,9 +197,16 @@ def render(
             width=cfg.width,
             height=cfg.height,
             generator=generators,
-            output_type="pil",
+            output_type="np",
             callback_on_step_end=_step_callback(on_step),
         ).images
+        # A NaN image would be saved as a black PNG without a word: say so instead.
+        for image, s in zip(images, seeds):
+            if not np.isfinite(image).all():
+                raise TinvError(f"the image for seed {s} came out of the VAE as NaN (not a number), so nothing was "
+                                "saved. A VAE in half precision overflows this way (use a float32 VAE), or an "
+                                "embedding in the prompt holds values far out of range.")
+        images = pipe.numpy_to_pil(images)
     info = studio.info
     ti = ti_hashes(used, hashes or {})
     name, model_hash = (info.name, info.hash) if info else (None, None)
