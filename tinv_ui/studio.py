@@ -275,7 +275,7 @@ _FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 def model_family(pipe) -> str:
     """'SD 1.x', 'SD 2.x' or 'SDXL' from the UNet's text width; other widths are named by it."""
     width = int(pipe.unet.config.cross_attention_dim)
-    return _FAMILIES.get(width, f"custom ({width}-wide text)")
+    return _FAMILIES.get(width, f"custom, {width}-wide text")
 
 
 def _model_info(pipe, label: str, name: str, hash_: str | None) -> ModelInfo:
