@@ -130,8 +130,8 @@ class Studio:
             pipe.set_progress_bar_config(disable=True)
             self._pipe, self.spec, self.info, self.device, self.dtype = pipe, spec, info, device, dtype
             self.load_error = None
-            log.info("loaded %s (%s, native %dpx) on %s/%s in %.1fs", info.label, info.kind, info.resolution, device,
-                     dtype, time.perf_counter() - t0)
+            log.info("loaded %s%s, native %dpx, on %s/%s in %.1fs", info.label, "" if info.is_tiny else f" ({info.kind})",
+                     info.resolution, device, dtype, time.perf_counter() - t0)
             return info
 
     def load_or_fall_back(self, spec: ModelSpec, fallback: ModelSpec = ModelSpec("tiny")) -> ModelInfo:
