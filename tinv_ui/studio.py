@@ -110,14 +110,19 @@ class Studio:
                 raise
             self._release()
             try:
-                # The weights travel in the file's dtype (an fp16 file stays fp16, half the RAM) and are cast
-                # on their device: frozen UNet/VAE in half precision on GPU; the text encoder in fp32 (it is
-                # small, and the trained vectors' gradients flow through it). Nothing gets weight gradients.
+                # Frozen UNet/VAE in half precision on GPU; the text encoder in fp32 (it is small, and the
+                # trained vectors' gradients flow through it). Nothing gets weight gradients. Each part is cast
+                # where it is smaller: a widening cast (fp16 file, fp32 target) after the move, so an fp16
+                # file never has an fp32 copy in RAM; a narrowing one (fp32 file on a GPU) before it.
                 for part, part_dtype in ((pipe.unet, dtype), (pipe.vae, dtype), (pipe.text_encoder, torch.float32)):
-                    part.to(device)
+                    widens = part.dtype.itemsize < part_dtype.itemsize
+                    if widens:
+                        part.to(device)
                     if part.dtype != part_dtype:  # only when it changes
                         with quiet_diffusers():  # its "should be kept in float32: []" note on every cast
                             part.to(dtype=part_dtype)
+                    if not widens:
+                        part.to(device)
                     part.requires_grad_(False).eval()
             except RuntimeError as e:  # torch.OutOfMemoryError is one
                 del pipe
