@@ -67,21 +67,11 @@ def default_model(models_dir: Path) -> str:
 
 
 def load_startup_model(studio, model: str | None, models_dir: Path) -> None:
-    """Load `--model`; without it the first checkpoint in models/, falling back to the tiny model if that fails."""
+    """Load `--model` (default: the first checkpoint in models/). When it cannot be loaded the app still starts,
+    on the tiny test model: the console gets one line saying why, and the page's status line shows it too."""
     from tinv_ui.config import ModelSpec
-    from tinv_ui.errors import ModelLoadError
 
-    if model is not None:
-        studio.load(ModelSpec(model))
-        return
-    source = default_model(models_dir)
-    try:
-        studio.load(ModelSpec(source))
-    except ModelLoadError as e:
-        if source == "tiny":
-            raise
-        log.error("%s; starting with the tiny test model instead (pick another model in the header).", e)
-        studio.load(ModelSpec("tiny"))
+    studio.load_or_fall_back(ModelSpec(model if model is not None else default_model(models_dir)))
 
 
 def main(argv: list[str] | None = None) -> None:
