@@ -293,7 +293,11 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     work = args.work.resolve()
     paths = Paths(work / "embeddings", work / "outputs", work / "models", args.cache_dir.resolve())
     spec, _ = model_spec(args, paths)
-    warm_imports(spec, paths)  # the first diffusers import takes seconds that are not the load's
+    warm_imports()  # the first diffusers import takes seconds that are not the load's
+    if spec.is_tiny:  # built once on first use: that is not the load either
+        from tinv_ui.tiny_model import tiny_model_dir
+
+        tiny_model_dir(paths.cache_dir)
     return {"load": measure_load(Studio(paths), spec, Path(spec.source) if not spec.is_tiny else None)}
 
 
