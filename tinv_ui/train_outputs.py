@@ -199,6 +199,11 @@ def write_settings(studio, plan: Plan) -> Path:
         "tinv_ui": {"version": __version__, "seed": plan.seed, "skipped_files": list(plan.dataset.skipped),
                     "resumed_from": str(plan.start_file), "config": {k: _jsonable(v) for k, v in asdict(cfg).items()}},
     }
-    path = plan.out_dir / f"settings-{now.strftime('%Y-%m-%d-%H-%M-%S')}.json"
+    stamp = now.strftime('%Y-%m-%d-%H-%M-%S')
+    path = plan.out_dir / f"settings-{stamp}.json"
+    n = 1
+    while path.exists():  # two runs started in the same second (a quick resume): keep both files
+        n += 1
+        path = plan.out_dir / f"settings-{stamp}-{n}.json"
     with disk_full_is_a_training_error(path):
         return atomic_write_text(path, json.dumps(settings, indent=4, ensure_ascii=False) + "\n")
