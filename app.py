@@ -7,14 +7,13 @@ files it can read and write) to others, so a warning is logged and `--auth user:
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 from pathlib import Path
 
-log = logging.getLogger("tinv_ui.app")
+from tinv_ui.confine import is_loopback  # light: no torch or gradio
 
-LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+log = logging.getLogger("tinv_ui.app")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,16 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost; 0.0.0.0 and real interfaces are not."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def exposure_warning(host: str, share: bool, auth: str | None) -> str | None:
     """The warning to log when the app is reachable from other machines, else None."""
     where = []
@@ -78,21 +67,11 @@ def default_model(models_dir: Path) -> str:
 
 
 def load_startup_model(studio, model: str | None, models_dir: Path) -> None:
-    """Load `--model`; without it the first checkpoint in models/, falling back to the tiny model if that fails."""
+    """Load `--model` (default: the first checkpoint in models/). When it cannot be loaded the app still starts,
+    on the tiny test model: the console gets one line saying why, and the page's status line shows it too."""
     from tinv_ui.config import ModelSpec
-    from tinv_ui.errors import ModelLoadError
 
-    if model is not None:
-        studio.load(ModelSpec(model))
-        return
-    source = default_model(models_dir)
-    try:
-        studio.load(ModelSpec(source))
-    except ModelLoadError as e:
-        if source == "tiny":
-            raise
-        log.error("%s; starting with the tiny test model instead (pick another model in the header).", e)
-        studio.load(ModelSpec("tiny"))
+    studio.load_or_fall_back(ModelSpec(model if model is not None else default_model(models_dir)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
     python bench/bench.py                      # GPU: SD1.5-shaped random model, built offline once, 512 px
     python bench/bench.py --model PATH         # a real model (diffusers folder, .safetensors/.ckpt, hub id)
     python bench/bench.py --tiny --quick       # CPU smoke test on the tiny model (seconds; run by the tests)
+    python bench/bench.py --load --model PATH  # only the model load: seconds (first and cached-hash) and peak RAM
 
 Measures training samples/s for each batch size, eager and compiled (`TrainConfig.compile`), optimizer
 steps/s and peak GPU memory at batch 1, start-up time (model load + latent cache of 20 images), seconds per
@@ -256,6 +257,50 @@ def measure_generation(studio, batch: int, size: int, plan: Plan, clock: Clock, 
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
+def measure_load(studio, spec, source_file: Path | None) -> dict[str, Any]:
+    """Load `spec` twice in this fresh process: seconds for each, and the process's peak RSS.
+
+    The first load hashes a single-file checkpoint (once per file version; the hash is cached), the second
+    shows the load itself. The peak resident set (ru_maxrss) covers imports plus the first load; `rss_start`
+    is what the process held before it, so `peak - start` is what loading the model costs in RAM.
+    """
+    import resource
+
+    def rss_gib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+    start = rss_gib()
+    t0 = time.perf_counter()
+    studio.load(spec)
+    first = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    t0 = time.perf_counter()
+    studio.load(spec)
+    again = time.perf_counter() - t0
+    size = source_file.stat().st_size / 2**30 if source_file and source_file.is_file() else None
+    return {"model": studio.info.label, "file_gib": None if size is None else round(size, 2),
+            "load_s": round(first, 2), "reload_s": round(again, 2), "rss_start_gib": round(start, 2),
+            "peak_rss_gib": round(peak, 2), "peak_above_start_gib": round(peak - start, 2),
+            "device": str(studio.device), "dtype": str(studio.dtype).removeprefix("torch.")}
+
+
+def run_load(args: argparse.Namespace) -> dict[str, Any]:
+    """`--load`: only the model load (no training, no generation)."""
+    from tinv_ui.config import Paths
+    from tinv_ui.studio import Studio
+
+    work = args.work.resolve()
+    paths = Paths(work / "embeddings", work / "outputs", work / "models", args.cache_dir.resolve())
+    spec, _ = model_spec(args, paths)
+    warm_imports()  # the first diffusers import takes seconds that are not the load's
+    if spec.is_tiny:  # built once on first use: that is not the load either
+        from tinv_ui.tiny_model import tiny_model_dir
+
+        tiny_model_dir(paths.cache_dir)
+    return {"load": measure_load(Studio(paths), spec, Path(spec.source) if not spec.is_tiny else None)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Do every measurement and return the results dict (also what is written as JSON)."""
     from tinv_ui.config import Paths
@@ -435,6 +480,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "Default: an SD1.5-shaped random model built offline into --work.")
     p.add_argument("--tiny", action="store_true", help="Use the tiny test model (the CPU smoke test).")
     p.add_argument("--quick", action="store_true", help="Few steps, batches 1 and 4, eager only.")
+    p.add_argument("--load", action="store_true", help="Only measure loading the model: seconds and peak RAM.")
     p.add_argument("--batches", type=int, nargs="+", help="Training batch sizes (default 1 4 8 16).")
     p.add_argument("--no-compile", action="store_true", help="Skip the torch.compile runs.")
     p.add_argument("--size", type=int, default=None, help="Image size in px (default 512; 64 for --tiny).")
@@ -461,8 +507,19 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    results = run(args)
     from tinv_ui.fileio import atomic_write_text
+
+    if args.load:
+        results = run_load(args)
+        if args.out:
+            atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+        r = results["load"]
+        file = f" ({r['file_gib']} GiB file)" if r["file_gib"] is not None else ""
+        sys.stdout.write(f"load {r['model']}{file} on {r['device']}/{r['dtype']}: {r['load_s']} s "
+                         f"(again, hash cached: {r['reload_s']} s); peak RSS {r['peak_rss_gib']} GiB, "
+                         f"{r['peak_above_start_gib']} GiB above the {r['rss_start_gib']} GiB before loading\n")
+        return 0
+    results = run(args)
 
     out = args.out or args.work / f"results-{'cpu' if results['meta']['device'].startswith('CPU') else 'gpu'}.json"
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")

@@ -194,7 +194,8 @@ class Run:
                "--learning_rate", "5e-4", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
                "--seed", "0", "--mixed_precision", precision, "--save_steps", "100000",
                "--checkpointing_steps", "100000", "--output_dir", str(out)]
-        rec = self.child(cmd, r"Steps:.*?\|\s*(\d+)/(\d+)", batch * accum, est, f"diffusers-{pair}-{batch}")
+        rec = self.child(cmd, r"Steps:.*?\|\s*(\d+)/(\d+)", batch * accum, est, f"diffusers-{pair}-{batch}",
+                         loop=r"\*\*\*\*\* Running training \*\*\*\*\*")
         self.emit({"impl": "diffusers", "recipe": label, "pair": pair,
                    "precision": {"no": "fp32"}.get(precision, precision), "batch": batch, "grad_accum": accum, **rec})
 
@@ -210,13 +211,15 @@ class Run:
                str(images), "--template", "subject", "--width", str(self.size), "--height", str(self.size),
                "--batch-size", str(batch), "--gradient-accumulation", str(accum), "--max-steps", str(self.steps),
                "--seed", "0", "--preview-every", "0", "--save-every", "0", "--compile", "off"]
-        rec = self.child(cmd, r"^step (\d+)/(\d+)", batch * accum, est, f"tinv-{pair}-{batch}")
+        rec = self.child(cmd, r"^step (\d+)/(\d+)", batch * accum, est, f"tinv-{pair}-{batch}", loop=r"^started: ")
         self.emit({"impl": "tinv-ui", "recipe": label, "pair": pair, "precision": "app default", "batch": batch,
                    "grad_accum": accum, **rec})
 
-    def child(self, cmd: list[str], progress: str, samples_per_step: int, est: float, tag: str) -> dict[str, Any]:
-        """Run `cmd`; stamp each new optimizer step seen in its output; poll its peak memory."""
-        pattern = re.compile(progress)
+    def child(self, cmd: list[str], progress: str, samples_per_step: int, est: float, tag: str,
+              loop: str) -> dict[str, Any]:
+        """Run `cmd`; stamp its training-loop line (`loop`) and each new optimizer step; poll its peak memory."""
+        pattern, loop_pattern = re.compile(progress), re.compile(loop)
+        loop_s: list[float] = []
         seen: dict[int, float] = {}
         tail: list[str] = []
         peak: list[float] = []
@@ -235,6 +238,8 @@ class Run:
                     if line.strip():
                         tail.append(line)
                         del tail[:-40]
+                    if not loop_s and loop_pattern.search(line):
+                        loop_s.append(now)
                     m = pattern.search(line)
                     if m and int(m.group(1)) > 0 and int(m.group(1)) not in seen:
                         seen[int(m.group(1))] = now
@@ -264,6 +269,7 @@ class Run:
         (self.args.out / f"{tag}.log").write_text("\n".join(tail) + "\n")
         rec: dict[str, Any] = {"rc": rc, "wall_s": round(time.perf_counter() - t0, 2), "steps_seen": len(seen),
                                "peak_gib": round(max(peak), 3) if peak else None,
+                               "loop_s": round(loop_s[0], 2) if loop_s else None,
                                "peak_kind": "nvidia-smi, this process" if self.cuda else "CPU resident set (VmHWM)"}
         rec.update(rates(seen, samples_per_step))
         if rc != 0:
@@ -407,11 +413,12 @@ def pair_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"recipe": recipe}
         for impl in ("tinv-ui", "diffusers"):
             runs = [r for r in children if r["recipe"] == recipe and r["impl"] == impl and r["rc"] == 0]
-            row[impl] = {k: _median(runs, k) for k in ("samples_per_s", "steps_per_s", "first_step_s", "peak_gib")}
+            row[impl] = {k: _median(runs, k) for k in ("samples_per_s", "steps_per_s", "loop_s", "first_step_s",
+                                                       "peak_gib")}
             row[impl]["runs"] = len(runs)
         t, d = row["tinv-ui"], row["diffusers"]
         row["ratios"] = {k: round(t[k] / d[k], 2) if t[k] and d[k] else None
-                         for k in ("samples_per_s", "first_step_s", "peak_gib")}
+                         for k in ("samples_per_s", "loop_s", "first_step_s", "peak_gib")}
         out.append(row)
     return out
 
@@ -453,16 +460,21 @@ def table(results: dict[str, Any]) -> str:
     pairs = pair_summary(results)
     lines = [f"versus: {m.get('device')} | torch {m.get('torch')} | diffusers {m.get('diffusers')} | transformers "
              f"{m.get('transformers')} | {m.get('size')} px | {m.get('steps')} steps per child | {m.get('date')}"]
-    hdr = f"{'recipe':<20} {'impl':<10} {'runs':>4} {'samples/s':>10} {'steps/s':>8} {'to 1st step s':>13} {'peak GiB':>9}"
+    hdr = (f"{'recipe':<20} {'impl':<10} {'runs':>4} {'samples/s':>10} {'steps/s':>8} {'to loop s':>9} "
+           f"{'to 1st step s':>13} {'peak GiB':>9}")
     lines += ["", hdr, "-" * len(hdr)]
     for p in pairs:
         for impl in ("tinv-ui", "diffusers"):
             v = p[impl]
             lines.append(f"{p['recipe']:<20} {impl:<10} {v['runs']:>4} {_fmt(v['samples_per_s']):>10} "
-                         f"{_fmt(v['steps_per_s']):>8} {_fmt(v['first_step_s']):>13} {_fmt(v['peak_gib']):>9}")
+                         f"{_fmt(v['steps_per_s']):>8} {_fmt(v['loop_s']):>9} {_fmt(v['first_step_s']):>13} "
+                         f"{_fmt(v['peak_gib']):>9}")
         r = p["ratios"]
         lines.append(f"{'':<20} ratio tinv-ui/diffusers: samples/s {_fmt(r['samples_per_s'])}x (>1: faster), "
-                     f"start-up {_fmt(r['first_step_s'])}x (<1: sooner), peak memory {_fmt(r['peak_gib'])}x")
+                     f"start-up to first step {_fmt(r['first_step_s'])}x, to loop {_fmt(r['loop_s'])}x (<1: sooner), "
+                     f"peak memory {_fmt(r['peak_gib'])}x")
+    lines.append("to loop: process start to the training loop (tinv-ui 'started:', diffusers '***** Running "
+                 "training *****'); to 1st step: to the first optimizer step done")
     lines.append("peak: " + ("each process's own GPU memory in nvidia-smi" if "CPU" not in str(m.get("device"))
                              else "each process's peak resident set (VmHWM), CPU"))
     if any(r.get("section") for r in results["runs"]):

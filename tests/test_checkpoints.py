@@ -174,8 +174,10 @@ def test_ckpt_with_lightning_leftovers_and_old_clip_keys(tmp_path, cache_dir, ti
     monkeypatch.delitem(sys.modules, module.__name__)  # loading must not need the class at all
     pipe = load_single_file(path, cache_dir, config=tiny_model_dir(cache_dir))
     want = tiny_parts[2].get_input_embeddings().weight.half().float()
-    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, want)
-    assert pipe.text_encoder.dtype == torch.float32
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight.float(), want)
+    # The file's dtype is kept (no fp32 copy on the CPU): the studio casts each part once it is on its device.
+    parts = (pipe.unet, pipe.vae, pipe.text_encoder)
+    assert {p.dtype for part in parts for p in part.parameters()} == {torch.float16}
 
 
 class _RunsCode:
@@ -356,6 +358,97 @@ def test_studio_reports_unsupported_file(paths):
         Studio(paths).load(ModelSpec("xl.safetensors"))
 
 
+# -- EMA checkpoints and what the console says --------------------------------------------------------------------
+def test_ema_checkpoint_loads_the_regular_weights_and_says_so_without_diffusers_noise(
+        tmp_path, cache_dir, tiny_parts, tiny_ldm, capfd, caplog):
+    """An fp16 training checkpoint with an EMA copy of the UNet (model_ema.*, flattened names, as LDM saves it):
+    the regular weights load, our log says so, and diffusers' advice about a flag we do not have and its
+    'kept in float32: []' note do not reach the console."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    ema = {"model_ema." + k[len("model."):].replace(".", ""): v + 1.0
+           for k, v in tiny_ldm.items() if k.startswith("model.diffusion_model.")}
+    path = tmp_path / "trained-ema.safetensors"
+    save_file({k: v.half().contiguous() for k, v in {**tiny_ldm, **ema}.items()}, str(path))
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()  # what a user's console shows (the test session hides warnings)
+    try:
+        with caplog.at_level(logging.INFO, logger="tinv_ui"):
+            pipe = load_single_file(path, cache_dir, config=tiny_model_dir(cache_dir))
+            pipe.unet.to(dtype=torch.float32)  # the studio's cast on the device goes through the same filter
+    finally:
+        diffusers_logging.set_verbosity(level)
+    console = capfd.readouterr().err
+    assert "extract_ema" not in console and "kept in float32" not in console
+    assert "trained-ema.safetensors also holds EMA weights (model_ema.*); the regular (non-EMA) UNet weights " \
+           "were loaded, as A1111 does." in caplog.text
+    want = tiny_parts[0].state_dict()
+    got = pipe.unet.state_dict()
+    assert all(torch.equal(got[k].float(), want[k].half().float()) for k in want)
+
+
+# -- the UNet configs, against what diffusers' own converter builds -------------------------------------------------
+# The unet_config params of the LDM inference configs that ship with the released models (v1-inference.yaml,
+# v2-inference.yaml for 512-base, v2-inference-v.yaml for 768-v), as diffusers' converter reads them.
+_LDM_UNET = {
+    "sd1": {"in_channels": 4, "out_channels": 4, "model_channels": 320, "attention_resolutions": [4, 2, 1],
+            "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4], "num_heads": 8, "transformer_depth": 1,
+            "context_dim": 768},
+    "sd2": {"in_channels": 4, "out_channels": 4, "model_channels": 320, "attention_resolutions": [4, 2, 1],
+            "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4], "num_head_channels": 64,
+            "use_linear_in_transformer": True, "transformer_depth": 1, "context_dim": 1024},
+}
+# diffusers' single-file loader builds each file from a Hub model's config (`fetch_diffusers_config`); the
+# `upcast_attention` of those configs (stable-diffusion-2-1 sets it: fp16 attention overflows without it).
+_HUB_UPCAST = {"stable-diffusion-v1-5/stable-diffusion-v1-5": False, "stabilityai/stable-diffusion-2-1": True}
+_COMPARED = ("sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types",
+             "block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim",
+             "use_linear_projection", "transformer_layers_per_block")
+
+
+@pytest.mark.parametrize("family, v_model, image_size", [("sd1", False, 512), ("sd2", False, 512), ("sd2", True, 768)])
+def test_loaded_unet_config_matches_diffusers_converter(tmp_path, cache_dir, family, v_model, image_size):
+    """The UNet config our loader ends with (shipped config + its v-prediction rule, run on a meta-device
+    model) equals what diffusers' converter builds for the same file: the architecture from the LDM config,
+    `upcast_attention` from the Hub config diffusers picks for the file's keys."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, fetch_diffusers_config
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tinv_ui.checkpoints import _set_parameterization
+
+    folder = CONFIG_DIR / family
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
+    checkpoint = to_ldm(unet, vae, te, open_clip=family == "sd2")  # meta tensors: the real keys and shapes
+    path = tmp_path / f"{family}.safetensors"
+    if family == "sd2":  # A1111's sidecar .yaml tells 768-v from 512-base without the probe (meta weights)
+        parameterization = '    parameterization: "v"\n' if v_model else ""
+        path.with_suffix(".yaml").write_text(f"model:\n  params:\n{parameterization}    linear_start: 0.00085\n",
+                                             encoding="utf-8")
+    pipe = types.SimpleNamespace(unet=unet, scheduler=PNDMScheduler.from_pretrained(str(folder), subfolder="scheduler"))
+    info = detect({k: tuple(v.shape) for k, v in checkpoint.items()}, path.name)
+    _set_parameterization(pipe, path, info, shipped=True)
+
+    original = {"model": {"params": {"unet_config": {"params": _LDM_UNET[family]},
+                                     "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
+    want = create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=image_size)
+    want["upcast_attention"] = _HUB_UPCAST[fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]]
+    got = dict(pipe.unet.config)
+    assert {k: _plain(got[k]) for k in (*_COMPARED, "upcast_attention")} == \
+           {k: _plain(want[k]) for k in (*_COMPARED, "upcast_attention")}
+    assert pipe.scheduler.config.prediction_type == ("v_prediction" if v_model else "epsilon")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 # -- full size, slow: SD1.5 / SD2.1-shaped files (zeros, fp16, 2-2.6 GB, ~8 GB RAM) through the Studio ---------
 @pytest.mark.slow
 @pytest.mark.parametrize("family, width, unet_params, pad_id", [("sd1", 768, 859_520_964, 49407),
@@ -385,3 +478,5 @@ def test_full_size_file_loads_offline(tmp_path, cache_dir, family, width, unet_p
     assert len(info.hash) == 10 and studio.pipeline.scheduler.config.prediction_type == "epsilon"
     assert sum(p.numel() for p in studio.pipeline.unet.parameters()) == unet_params
     assert studio.tokenizer.pad_token_id == pad_id
+    assert studio.pipeline.unet.config.upcast_attention is (family == "sd2")  # as diffusers' converter sets it
+    assert studio.pipeline.unet.dtype == torch.float32  # the fp16 file, cast on its device (the CPU here)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,7 +96,8 @@ def test_sdxl_pair_round_trip(tmp_path, file, step):
     back = formats.read(formats.write(emb, tmp_path / file))
     assert back.is_sdxl and back.width == 2048 and back.num_vectors == 2
     assert all(torch.equal(back.parts[k], emb.parts[k]) for k in ("clip_l", "clip_g"))
-    assert back.step == step  # an SDXL .pt holds only the two tensors (safetensors keeps the step in its header)
+    # the step survives only in .safetensors metadata: A1111 crashes on anything but the pair in a .pt or image
+    assert back.step == (5 if file.endswith(".safetensors") else None)
 
 
 def test_sdxl_cannot_be_written_as_single_tensor_layout(tmp_path):
@@ -403,3 +406,167 @@ def test_diffusers_load_textual_inversion_reads_our_files(tmp_path, fresh_pipe, 
         assert torch.equal(rows[ids].detach(), emb.vectors)
     finally:
         fresh_pipe.unload_textual_inversion()
+
+
+# -- every peer reads what we write (issue 12); the README table is formats.WHERE_FILES_LOAD -------------------
+# A1111 v1.10.1's safe unpickler (modules/safe.py), restated here from its rules, not copied:
+# `check_zip_filenames` lets through only these zip entries, and `find_class` only these globals.
+A1111_ZIP_RULE = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|(\.data\/serialization_id)|(data\.pkl))$")
+A1111_GLOBALS = {
+    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"), ("torch.nn.modules.container", "ParameterDict"),
+    ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"), ("numpy", "dtype"),
+    ("numpy", "ndarray"), ("_codecs", "encode"), ("__builtin__", "set"),
+    *{("torch", s) for s in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage",
+                             "ByteStorage", "float32")},
+}
+
+
+def a1111_refusals(path: Path) -> list[str]:
+    """What A1111's safe unpickler would refuse in the torch file at `path` (empty: it loads)."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        refused = [f"zip entry {n}" for n in names if not A1111_ZIP_RULE.match(n)]
+        pickles = [n for n in names if n.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            return refused + [f"{len(pickles)} data.pkl entries"]
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(z.read(pickles[0])):
+            if op.name == "GLOBAL":
+                module, name = arg.split(" ", 1)
+            elif op.name == "STACK_GLOBAL":
+                module, name = strings[-2:]
+            else:
+                if isinstance(arg, str):
+                    strings.append(arg)
+                continue
+            if (module, name) not in A1111_GLOBALS:
+                refused.append(f"global {module}.{name}")
+    return refused
+
+
+def _optimizer_state() -> dict:
+    """An AdamW state dict plus the extras a trainer may keep beside it (RNG states, counters, text, bytes)."""
+    import random
+
+    vec = torch.nn.Parameter(_vectors())
+    opt = torch.optim.AdamW([vec], lr=0.1)
+    vec.grad = torch.ones_like(vec)
+    opt.step()
+    return {**opt.state_dict(), "rng": {"torch": torch.get_rng_state(), "python": random.Random(3).getstate()},
+            "extras": [1, 2.5, "text", b"\x00\xffbytes", None, True, (3, [4.0, {"k": torch.arange(3)}])]}
+
+
+def _write_kind(row: tuple, folder: Path) -> tuple[Path, dict[str, torch.Tensor], Any]:
+    """Write the kind of file `row` of WHERE_FILES_LOAD names; return its path, the vectors each encoder
+    should get (by width) and, for the optimizer row, the state written."""
+    file, layout = row[0], row[1]
+    suffix = file.split(" ")[0].removeprefix("NAME")
+    name = "my-emb"
+    if layout == "optimizer state":
+        emb = _emb(name=name)
+        state = _optimizer_state()
+        return formats.write_optim(formats.write(emb, folder / f"{name}.pt"), emb, state), {}, state
+    emb = _sdxl() if layout == "sdxl" else _emb(n=2, d=768, name=name)
+    path = formats.write(emb, folder / f"{name}{suffix}")
+    vectors = dict(emb.parts) if emb.is_sdxl else {"768": emb.vectors}
+    return path, {str(t.shape[1]): t for t in vectors.values()}, None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Deep equality where tensors must match bit for bit (dtype and values)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+ROWS = {row[0]: row for row in formats.WHERE_FILES_LOAD}
+
+
+@pytest.mark.parametrize("file", [f for f, row in ROWS.items() if f.split(" ")[0].endswith((".pt", ".bin", ".optim"))])
+def test_a1111_safe_unpickler_accepts_every_pickle_we_write_and_torch_reads_it_back_bit_exact(tmp_path, file):
+    assert ROWS[file][2] == "yes"
+    path, vectors, state = _write_kind(ROWS[file], tmp_path)
+    assert a1111_refusals(path) == []
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:  # the inner folder is the file's own stem, not the temp file's
+        assert {n.split("/")[0] for n in z.namelist()} == {path.stem}
+    raw = torch.load(path, weights_only=True)
+    if state is not None:
+        assert _same(raw["optimizer_state_dict"], state)
+    elif "(SDXL)" in file:  # A1111's SDXL branch calls .detach() on every value: the pair and nothing else
+        assert set(raw) == {"clip_l", "clip_g"} and _same(raw["clip_l"], vectors["768"]) and _same(raw["clip_g"], vectors["1280"])
+    else:
+        (value,) = raw["string_to_param"].values() if "string_to_param" in raw else raw.values()
+        assert _same(value, vectors["768"])
+    # the check can fail: a plain torch.save file (what this app wrote before) is refused by A1111
+    torch.save(raw, tmp_path / "plain.pt")
+    assert any(".format_version" in r for r in a1111_refusals(tmp_path / "plain.pt"))
+
+
+def _peer_vectors(path: Path, width: int, peer: str) -> torch.Tensor | None:
+    """The vectors ComfyUI (comfy/sd1_clip.py) or InvokeAI (TextualInversionModelRaw.from_checkpoint) take
+    from `path` for an encoder of `width`, following their key precedence; None when they cannot load it."""
+    from safetensors.torch import load_file
+
+    try:
+        data = load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - a refusal is the answer "does not load"
+        return None
+    by_width = {768: "clip_l", 1280: "clip_g"}
+    if "string_to_param" in data:
+        t = next(iter(data["string_to_param"].values()))
+    elif peer == "InvokeAI" and "emb_params" in data:
+        t = data["emb_params"]
+    elif by_width.get(width) in data and ("clip_g" in data if peer == "InvokeAI" else True):
+        t = data[by_width[width]]
+    else:
+        t = next(iter(data.values()))
+    t = t.unsqueeze(0) if t.dim() == 1 else t
+    return t if t.shape[-1] == width else None
+
+
+@pytest.mark.parametrize("peer", ["ComfyUI", "InvokeAI"])
+@pytest.mark.parametrize("file", [f for f in ROWS if not f.endswith(".optim")])
+def test_comfyui_and_invokeai_key_rules_read_what_the_table_says(tmp_path, file, peer):
+    path, vectors, _ = _write_kind(ROWS[file], tmp_path)
+    says = ROWS[file][formats.PEER_COLUMNS.index(peer)]
+    for width, expected in vectors.items():
+        got = _peer_vectors(path, int(width), peer)
+        if says == "yes":
+            assert got is not None and torch.equal(got, expected)
+        else:
+            assert got is None
+
+
+@pytest.mark.parametrize("file", [f for f in ROWS if ROWS[f][5] not in ("no", "-")])
+def test_diffusers_load_textual_inversion_reads_what_the_table_says(tmp_path, fresh_pipe, file):
+    # on the tiny model (width 32): the layouts are the same at any width
+    layout = ROWS[file][1]
+    emb = _emb(n=2, name="tok-from-file")
+    path = formats.write(emb, tmp_path / f"e{file.removeprefix('NAME')}", layout)
+    needs_token = ROWS[file][5] == "with `token=`"
+    token = "<given>" if needs_token else "tok-from-file"
+    fresh_pipe.load_textual_inversion(str(path), **({"token": token} if needs_token else {}))
+    try:
+        rows = fresh_pipe.text_encoder.get_input_embeddings().weight
+        ids = fresh_pipe.tokenizer.convert_tokens_to_ids([token, f"{token}_1"])
+        assert torch.equal(rows[ids].detach(), emb.vectors)
+    finally:
+        fresh_pipe.unload_textual_inversion()
+
+
+def test_the_readme_table_is_the_code_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = [formats.PEER_COLUMNS, *formats.WHERE_FILES_LOAD]
+    lines = ["| " + " | ".join(f"`{c}`" if i == 0 and c[0] == "N" else c for i, c in enumerate(row)) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(formats.PEER_COLUMNS))
+    assert "\n".join(lines) in readme

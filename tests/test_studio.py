@@ -115,3 +115,127 @@ def test_an_unknown_dtype_is_refused_with_the_choices():
 
     with pytest.raises(ModelLoadError, match="dtype 'float8' is unknown; use float16, bfloat16 or float32"):
         pick_device_dtype(ModelSpec("tiny", dtype="float8"))
+
+
+# -- what the picker lists, and the folders and files that load (issue: "models just work") ---------------------------
+def _tiny_pipeline(paths):
+    from diffusers import StableDiffusionPipeline
+
+    from tinv_ui.tiny_model import tiny_model_dir
+
+    return StableDiffusionPipeline.from_pretrained(tiny_model_dir(paths.cache_dir), local_files_only=True,
+                                                   safety_checker=None)
+
+
+def test_a_diffusers_folder_is_listed_once_as_the_folder_never_its_parts(paths):
+    from tinv_ui.studio import list_models
+
+    _tiny_pipeline(paths).save_pretrained(paths.models_dir / "sd15-diffusers")  # unet/*.safetensors, vae/..., text_encoder/...
+    (paths.models_dir / "sub").mkdir()
+    (paths.models_dir / "sub" / "anime.ckpt").write_bytes(b"x")
+    (paths.models_dir / "v1-5.safetensors").write_bytes(b"x")
+    assert list_models(paths.models_dir) == ["sd15-diffusers", "sub/anime.ckpt", "v1-5.safetensors"]
+
+
+def test_a_folder_of_fp16_variant_files_loads(own_studio, paths):
+    """What `from_pretrained(..., variant="fp16")` downloads: only `*.fp16.safetensors` weight files."""
+    import torch
+
+    pipe = _tiny_pipeline(paths).to(torch.float16)
+    folder = paths.models_dir / "sd-fp16"
+    pipe.save_pretrained(folder, variant="fp16")
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    info = own_studio.load(ModelSpec(str(folder)))
+    assert (info.label, info.is_tiny) == ("sd-fp16", False)
+    want = pipe.unet.state_dict()
+    got = own_studio.pipeline.unet.state_dict()
+    assert all(torch.equal(got[k].float(), want[k].float()) for k in want)
+
+
+def test_fp16_weights_reach_their_device_in_fp16(own_studio, paths, monkeypatch):
+    """An fp16 model is moved to its device in fp16 and cast there, never expanded to fp32 on the CPU first
+    (that doubles the RAM a load needs: SD 1.5 would not load on an 8 GB machine)."""
+    import torch
+
+    folder = paths.models_dir / "sd-half"
+    _tiny_pipeline(paths).to(torch.float16).save_pretrained(folder)
+    moves, real_to = [], torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+        if device is not None and type(module).__name__ in ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel"):
+            moves.append((type(module).__name__, {p.dtype for p in module.parameters()}))
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    own_studio.load(ModelSpec(str(folder), device="cpu"))
+    assert sorted(moves) == [("AutoencoderKL", {torch.float16}), ("CLIPTextModel", {torch.float16}),
+                             ("UNet2DConditionModel", {torch.float16})]
+    # ...and once there, cast to what the device runs: fp32 on the CPU (the text encoder always fp32).
+    pipe = own_studio.pipeline
+    assert (pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype) == (torch.float32,) * 3
+
+
+def test_the_model_hash_is_read_once_per_file_version(own_studio, paths, monkeypatch, tmp_path):
+    """The hash (infotext "Model hash") is cached by path, size and mtime: loading the same file again does
+    not read it again; a changed file is hashed anew."""
+    import builtins
+    import hashlib
+    import io
+    import os
+
+    from safetensors.torch import save_file
+
+    import tinv_ui.checkpoints as checkpoints
+    from test_checkpoints import to_ldm
+    from tinv_ui.tiny_model import build_tiny_pipeline, tiny_model_dir
+
+    unet, vae, text_encoder, _, _ = build_tiny_pipeline(seed=7)
+    path = paths.models_dir / "tiny-sd1.safetensors"
+    save_file({k: v.contiguous() for k, v in to_ldm(unet, vae, text_encoder).items()}, str(path))
+    real_load = checkpoints.load_single_file  # the tiny file needs the tiny configs, not the shipped SD 1.5 ones
+    monkeypatch.setattr(checkpoints, "load_single_file",
+                        lambda p, cache_dir: real_load(p, cache_dir, config=tiny_model_dir(cache_dir)))
+    opened, real_open = [], builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == str(path):
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    want = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)  # Path.open / read_bytes go through io.open
+    first = own_studio.load(ModelSpec(path.name)).hash
+    assert first == want and opened, "the first load must hash the file"
+    opened.clear()
+    assert own_studio.load(ModelSpec(path.name)).hash == first
+    assert opened == [], "the second load read the file again to hash it"
+    # A new version of the file (same size, new bytes and mtime): hashed again.
+    monkeypatch.undo()  # back to the real open
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # the last tensor's last byte: still a valid file
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(checkpoints, "load_single_file",
+                        lambda p, cache_dir: real_load(p, cache_dir, config=tiny_model_dir(cache_dir)))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert own_studio.load(ModelSpec(path.name)).hash == hashlib.sha256(bytes(data)).hexdigest()[:10]
+
+
+def test_a_broken_startup_model_falls_back_to_tiny_and_keeps_the_reason(paths, caplog):
+    import logging
+
+    from tinv_ui.studio import Studio
+
+    (paths.models_dir / "broken.safetensors").write_bytes(b"\x00" * 100)
+    studio = Studio(paths)
+    with caplog.at_level(logging.ERROR, logger="tinv_ui"):
+        info = studio.load_or_fall_back(ModelSpec("broken.safetensors"))
+    assert info.is_tiny and studio.loaded
+    assert studio.load_error.startswith("broken.safetensors is not a readable .safetensors file")
+    assert "\n" not in studio.load_error
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(studio.load_error) and "tiny test model" in errors[0]
+    studio.load(ModelSpec("tiny"))  # a later good load clears it
+    assert studio.load_error is None

@@ -9,6 +9,14 @@ the Hub. We ship those small JSON configs in `tinv_ui/model_configs/<family>/`, 
 the vocabulary in `tinv_ui/assets`, and convert each component from the state dict we already hold, so a load
 never touches the network and reads the file once.
 
+The shipped configs are the ones diffusers' own single-file loader picks (`fetch_diffusers_config` in
+diffusers/loaders/single_file_utils.py): stable-diffusion-v1-5 for SD 1.x and stable-diffusion-2-1 for every
+SD 2.x file, which sets `upcast_attention` (attention scores in fp32; the 768-v model gives NaN/black images
+in fp16 without it). Where diffusers assumes 768-v for all SD 2.x files, the native size and prediction type
+here come from A1111's probe or a sidecar `.yaml` instead (`_set_parameterization`). Each component keeps the dtype it has in the file (an
+fp16 file stays fp16 until the studio has moved it to its device), so loading needs about the file's size
+in RAM, not twice that.
+
 Safety: `.ckpt` files are pickles. They are read with `torch.load(weights_only=True)`, which refuses any
 callable outside torch's tensor allow-list; the few harmless training leftovers of old LDM checkpoints
 (a Lightning `ModelCheckpoint` callback, numpy scalars) are mapped to an inert placeholder instead of their
@@ -17,6 +25,7 @@ real classes, so none of their code runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
@@ -43,6 +52,7 @@ VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer."  # SD 1.x
 OPEN_CLIP = "cond_stage_model.model."  # SD 2.x
 UNET_IN = UNET + "input_blocks.0.0.weight"
+UNET_EMA = "model_ema."  # LDM training checkpoints keep an EMA copy of the UNet under flattened key names
 CLIP_TOKENS = CLIP + "text_model.embeddings.token_embedding.weight"
 OPEN_CLIP_TOKENS = OPEN_CLIP + "token_embedding.weight"
 
@@ -69,6 +79,7 @@ class CheckpointInfo:
     num_tensors: int
     objective: str = "epsilon"  # SDXL files say "v_prediction" with a `v_pred` key (sdxl_checkpoint.py)
     zero_snr: bool = False  # SDXL files trained with zero terminal SNR carry a `ztsnr` key
+    has_ema: bool = False  # an EMA copy of the UNet (model_ema.*) sits beside the regular weights
 
     @property
     def label(self) -> str:
@@ -112,7 +123,13 @@ def load_single_file(path: str | Path, cache_dir: str | Path, config: str | Path
         pipe = _assemble(state, folder, info, cache_dir, path.name)
     del state
     _set_parameterization(pipe, path, info, shipped=config is None)
-    log.info("loaded %s as %s (%s, %d tensors)", path.name, info.label, folder.name, info.num_tensors)
+    log.info("loaded %s as %s (%s, %d tensors, %s)", path.name, info.label, folder.name, info.num_tensors,
+             str(pipe.unet.dtype).removeprefix("torch."))
+    if info.has_ema:
+        # As A1111 does (its inference configs set use_ema: False): the regular UNet weights, which are the
+        # ones the model was saved to be used with; the EMA copy is ignored.
+        log.info("%s also holds EMA weights (model_ema.*); the regular (non-EMA) UNet weights were loaded, as "
+                 "A1111 does.", path.name)
     return pipe
 
 
@@ -147,7 +164,8 @@ def detect(shapes: Mapping[str, tuple[int, ...]], name: str) -> CheckpointInfo:
     if context != width:
         raise ModelLoadError(f"{name}: its UNet expects {context}-wide text features but its text encoder gives "
                              f"{width}; the file mixes two models.")
-    return CheckpointInfo(family, int(width), len(shapes))
+    has_ema = sum(k.startswith(UNET_EMA) for k in shapes) > 100  # diffusers' own test for an EMA checkpoint
+    return CheckpointInfo(family, int(width), len(shapes), has_ema=has_ema)
 
 
 def describe(shapes: Mapping[str, Any]) -> str:
@@ -250,11 +268,15 @@ def _assemble(state: dict[str, Any], folder: Path, info: CheckpointInfo, cache_d
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel
 
-    kw = dict(config=str(folder), local_files_only=True, torch_dtype=torch.float32)
+    kw = dict(config=str(folder), local_files_only=True)
     try:
-        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_single_file(state, subfolder="vae", **kw)
-        text_encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder", **kw)
+        with quiet_diffusers():
+            unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", dtype=_stored_dtype(state, UNET),
+                                                         **kw)
+            vae = AutoencoderKL.from_single_file(state, subfolder="vae", dtype=_stored_dtype(state, VAE), **kw)
+            text_dtype = _stored_dtype(state, "cond_stage_model.")
+            text_encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder",
+                                                                torch_dtype=text_dtype, **kw)
     except (ValueError, KeyError, IndexError, RuntimeError) as e:  # a shape or key that does not fit the configs
         raise ModelLoadError(f"{name}: its weights do not fit the {info.label} model shape ({e}). {SUPPORTED}") from e
     for part, model in (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder)):
@@ -267,6 +289,45 @@ def _assemble(state: dict[str, Any], folder: Path, info: CheckpointInfo, cache_d
         scheduler=PNDMScheduler.from_pretrained(str(folder), subfolder="scheduler"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def _stored_dtype(state: Mapping[str, Any], prefix: str):
+    """The floating dtype most of the `prefix` tensors are stored in (fp16, bf16, fp32): the component is
+    built in it, so no fp32 copy of an fp16 file is ever made on the CPU."""
+    import torch
+
+    counts: dict[Any, int] = {}
+    for k, v in state.items():
+        if k.startswith(prefix) and v.is_floating_point():
+            counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+# diffusers' messages during a single-file load that the user can do nothing about: a dtype note listing no
+# modules at all, and advice for its converter's `--extract_ema` flag (we say which weights were loaded).
+_NOISE = (re.compile(r"should be kept in float32: \[\]"), re.compile(r"--extract_ema"),
+          re.compile(r"^Checkpoint has both EMA and non-EMA weights"))
+_NOISY_LOGGERS = ("diffusers.models.modeling_utils", "diffusers.loaders.single_file_utils")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.search(message) for p in _NOISE)
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """Drop `_NOISE` from diffusers' loggers for the block (everything else they say still shows)."""
+    noise = _DropNoise()
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
 
 
 def _check_complete(model, part: str, name: str, info: CheckpointInfo) -> None:

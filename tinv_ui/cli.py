@@ -17,12 +17,16 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import (Compile, CreateConfig, FieldSpec, GenerateConfig, ModelSpec, Paths, TrainConfig, field_help,
                      field_range, field_spec)
 from .errors import TinvError
 from .events import Finished, Generated, Preview, Saved, Started, Step, format_duration
+
+if TYPE_CHECKING:  # for the type hints only; the commands import them where they are used
+    from .library import EmbeddingLibrary
+    from .studio import Studio
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,7 @@ def _paths(args: argparse.Namespace) -> Paths:
     return Paths(args.embeddings_dir, args.outputs_dir, args.models_dir, args.cache_dir)
 
 
-def _studio(args: argparse.Namespace):
+def _studio(args: argparse.Namespace) -> Studio:
     from .studio import Studio
 
     if not args.verbose:  # library chatter and progress bars would drown the CLI's own lines
@@ -103,7 +107,8 @@ def _studio(args: argparse.Namespace):
     return studio
 
 
-def _library(args: argparse.Namespace, studio=None, width: int | None = None, tokenizer: Any = None):
+def _library(args: argparse.Namespace, studio: Studio | None = None, width: int | None = None,
+             tokenizer: Any = None) -> EmbeddingLibrary:
     from .library import EmbeddingLibrary
 
     library = EmbeddingLibrary(args.embeddings_dir)

@@ -11,6 +11,7 @@ Refusals name the setting and the flag, and never read the file, so they cannot 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,3 +69,13 @@ def _shown(path: Path) -> str:
         return str(path.relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def is_loopback(bind: str) -> bool:
+    """True when the app is bound to a loopback address or name (127.0.0.0/8, ::1, localhost)."""
+    if bind.lower() in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(bind.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -12,14 +12,22 @@ Layouts we read (detected from the keys, not the file name; see `_from_dict`):
 
 Pickles (`.pt`, `.bin`) are loaded with `torch.load(weights_only=True)` plus a short allow-list of the
 harmless types A1111-era files contain. Anything else is refused before it runs (`UnsafeFileError`).
-Every write goes through `fileio.atomic_write`, so a crash never leaves a half-written embedding.
+Every write goes through `fileio.atomic_write`, so a crash never leaves a half-written embedding, and
+pickles are written by `torchfile.save`, whose zip A1111's safe unpickler accepts.
+
+Reading is bounded before any big allocation (a file may be hostile): the file size, the pickle's
+expanded object count and nesting, the values a safetensors header or a tensor declares, an image's
+pixels and its inflated data (limits below and in `torchfile.py`, `image_embedding.py`). A file over a
+bound, or holding anything odd, raises `EmbeddingFormatError` with a plain reason; nothing else escapes.
 """
 
 from __future__ import annotations
 
 import collections
 import collections.abc
+import json
 import logging
+import math
 import pickle
 import re
 import warnings
@@ -31,6 +39,7 @@ import torch
 
 from .embedding import Embedding
 from .errors import EmbeddingFormatError, UnsafeFileError
+from . import torchfile
 from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -41,6 +50,31 @@ EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", *IMAGE_EMBEDDING_SUFFIXES)
 LAYOUTS = ("a1111", "kohya", "diffusers", "sdxl", "image")
 A1111_TOKEN_ID = 265  # the constant A1111 writes under string_to_token; ignored on load
 META_KEYS = ("sd_checkpoint", "sd_checkpoint_name")  # kept verbatim on every round trip that can hold them
+
+# Bounds on what one file may hold (see the module docstring); tinv_ui/torchfile.py has the pickle ones.
+MAX_FILE_BYTES = torchfile.MAX_FILE_BYTES
+MAX_VALUES = torchfile.MAX_VALUES
+MAX_VECTORS = 1000  # A1111 allows 75 per embedding
+MAX_WIDTH = 8192  # CLIP-L 768, OpenCLIP-H 1024, SDXL-G 1280
+MAX_ABS_VALUE = 1e4  # trained vectors stay well under 10; past 65504 they overflow half precision
+MAX_STEP = 10**9
+MAX_SAFETENSORS_HEADER = 1024 * 1024
+
+
+# Where each kind of file this app writes loads: the README's "Where the files load" table is this table
+# (tests/test_formats.py checks that, and checks every "yes" with each peer's loading rule).
+# Columns: file, layout, A1111, ComfyUI, InvokeAI, diffusers `load_textual_inversion`, tinv-ui.
+PEER_COLUMNS = ("File", "Layout", "A1111", "ComfyUI", "InvokeAI", "diffusers", "tinv-ui")
+WHERE_FILES_LOAD = (
+    ("NAME.pt", "a1111", "yes", "yes", "yes", "yes", "yes"),
+    ("NAME.bin", "diffusers", "yes", "yes", "yes", "yes", "yes"),
+    ("NAME.safetensors", "kohya", "yes", "yes", "yes", "with `token=`", "yes"),
+    ("NAME.safetensors (SDXL)", "sdxl", "yes", "yes", "yes", "no", "yes"),
+    ("NAME.pt (SDXL)", "sdxl", "yes", "yes", "yes", "no", "yes"),
+    ("NAME.png", "image", "yes", "no", "no", "no", "yes"),
+    ("NAME.webp", "image", "yes", "no", "no", "no", "yes"),
+    ("NAME.pt.optim", "optimizer state", "yes", "-", "-", "-", "yes"),
+)
 
 
 class NotAnEmbeddingImage(EmbeddingFormatError):
@@ -68,24 +102,69 @@ def read(path: str | Path) -> Embedding:
         raise EmbeddingFormatError(f"{path.name}: cannot be read ({e.strerror}).") from e
     if size == 0:
         raise EmbeddingFormatError(f"{path.name} is empty (0 bytes); delete it or copy the file again.")
-    if suffix in IMAGE_EMBEDDING_SUFFIXES:
-        return _read_image(path)
-    if suffix in PICKLE_SUFFIXES:
-        data, file_meta = _load_pickle(path), {}
-    else:
-        data, file_meta = _load_safetensors(path)
-    emb = _from_dict(data, path.stem, path.name)
-    return _with_file_meta(emb, file_meta)
+    if size > MAX_FILE_BYTES:
+        raise EmbeddingFormatError(f"{path.name} is {size / 2**20:.0f} MB, over the {MAX_FILE_BYTES // 2**20} MB limit "
+                                   "for an embedding (is it a LoRA or a model? those go elsewhere).")
+    try:
+        if suffix in IMAGE_EMBEDDING_SUFFIXES:
+            return _read_image(path)
+        if suffix in PICKLE_SUFFIXES:
+            data, file_meta = _load_pickle(path), {}
+        else:
+            data, file_meta = _load_safetensors(path)
+        emb = _from_dict(data, path.stem, path.name)
+        return _with_file_meta(emb, file_meta)
+    except EmbeddingFormatError:
+        raise
+    except MemoryError as e:
+        raise EmbeddingFormatError(f"{path.name}: not enough memory to read it; it is not a usable embedding.") from e
+    except RecursionError as e:
+        raise EmbeddingFormatError(f"{path.name}: its data nests too deeply to be an embedding.") from e
+    except Exception as e:  # noqa: BLE001 - whatever a hostile file triggers, the answer is "not usable"
+        log.debug("reading %s failed", path, exc_info=True)
+        raise EmbeddingFormatError(f"{path.name} holds data that is not a usable embedding "
+                                   f"({type(e).__name__} while reading it).") from e
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
+    _check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
-        raise EmbeddingFormatError(f"{path.name} is not a valid safetensors file (truncated or corrupt?): {e}") from e
+        raise EmbeddingFormatError(f"{path.name} is not a valid safetensors file (truncated or corrupt).") from e
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Read the JSON header ourselves and refuse declared sizes over the bounds before any tensor is built."""
+    corrupt = EmbeddingFormatError(f"{path.name} is not a valid safetensors file (truncated or corrupt).")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt
+        length = int.from_bytes(head, "little")
+        if length > MAX_SAFETENSORS_HEADER:
+            raise EmbeddingFormatError(f"{path.name}: its safetensors header is {length:,} bytes, over the "
+                                       f"{MAX_SAFETENSORS_HEADER:,} byte limit for an embedding.")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, RecursionError) as e:
+            raise corrupt from e
+    if not isinstance(header, dict):
+        raise corrupt
+    values = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise corrupt
+        values += math.prod(shape)
+    if values > MAX_VALUES:
+        raise EmbeddingFormatError(f"{path.name}: its tensors declare {values:,} values, over the {MAX_VALUES:,} "
+                                   "limit for an embedding.")
 
 
 def _safe_globals() -> list[Any]:
@@ -108,9 +187,18 @@ def _safe_globals() -> list[Any]:
 
 
 _RE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_RE_BUILD = re.compile(r"but got <class '([\w.]+)'>")  # torch's refusal to BUILD a type outside the allow-list
 
 
 def _load_pickle(path: Path) -> Any:
+    try:
+        torchfile.check(path)
+    except torchfile.TooBigError as e:
+        raise EmbeddingFormatError(f"{path.name} was not loaded: {e}.") from e
+    except torchfile.DamagedError as e:
+        raise EmbeddingFormatError(f"{path.name} is not a readable torch file (truncated or corrupt): {e}.") from e
+    except OSError as e:
+        raise EmbeddingFormatError(f"{path.name}: cannot be read ({e.strerror or 'I/O error'}).") from e
     try:
         with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
             # torch warns about protocol-4 pickles before refusing them; the refusal below says it all
@@ -125,10 +213,15 @@ def _load_pickle(path: Path) -> Any:
                 f"{path.name} was refused and not executed: {what}, which an embedding never needs. "
                 "Only load files from sources you trust; ask for a .safetensors version."
             ) from e
-        raise EmbeddingFormatError(f"{path.name} is not a readable torch file (truncated or corrupt?): {text[:200]}") from e
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, AttributeError, TypeError, IndexError) as e:
-        # torch.load reports damaged files through many exception types; all mean "not readable".
-        raise EmbeddingFormatError(f"{path.name} is not a readable torch file (truncated or corrupt?): {e}") from e
+        built = _RE_BUILD.search(text)
+        if built:
+            raise EmbeddingFormatError(f"{path.name} was not loaded: it holds a {built.group(1)} object, and an "
+                                       "embedding holds only tensors, numbers and text.") from e
+        # torch's own text advises weights_only=False, which would run the file: not repeated here
+        raise EmbeddingFormatError(f"{path.name} is not a readable torch file (truncated or corrupt).") from e
+    except Exception as e:  # noqa: BLE001 - torch reports damaged files through many exception types
+        log.debug("torch.load(%s) failed", path, exc_info=True)
+        raise EmbeddingFormatError(f"{path.name} is not a readable torch file (truncated or corrupt).") from e
 
 
 def _is_pickle_stream(path: Path) -> bool:
@@ -153,22 +246,41 @@ def _as_tensor(value: Any, where: str, key: str) -> torch.Tensor:
     import numpy as np
 
     if isinstance(value, np.ndarray):
+        if value.dtype.kind != "f":  # object, text, int arrays: no vectors there
+            raise EmbeddingFormatError(f"{where}: {key} holds {value.dtype.name} values; expected floating point vectors.")
         value = torch.from_numpy(value)
     if not isinstance(value, torch.Tensor):
         raise EmbeddingFormatError(f"{where}: {key} holds {type(value).__name__}, not a tensor.")
-    t = value.detach().to("cpu")
+    t = value.detach()
     if t.dim() == 1:  # diffusers' single-vector files store [d]
         t = t.unsqueeze(0)
     if t.dim() != 2 or t.shape[0] == 0:
-        raise EmbeddingFormatError(f"{where}: {key} has shape {tuple(value.shape)}; expected [num_vectors, width].")
+        raise EmbeddingFormatError(f"{where}: {key} has shape {_shape(value)}; expected [num_vectors, width].")
+    # Before anything allocates: a view can declare a huge shape over a one-number storage (stride 0).
+    if t.shape[0] > MAX_VECTORS or t.shape[1] > MAX_WIDTH or t.numel() > MAX_VALUES:
+        raise EmbeddingFormatError(f"{where}: {key} has shape {_shape(value)}; an embedding has at most "
+                                   f"{MAX_VECTORS} vectors of width {MAX_WIDTH}.")
     if not t.is_floating_point():
-        raise EmbeddingFormatError(f"{where}: {key} has dtype {t.dtype}; expected floating point vectors.")
+        raise EmbeddingFormatError(f"{where}: {key} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                                   "expected floating point vectors.")
+    t = t.to("cpu", torch.float32).contiguous()  # float8/bfloat16 included: checked as float32 below
     if not torch.isfinite(t).all():
         raise EmbeddingFormatError(
             f"{where}: {key} contains NaN or infinite values (a training run diverged); "
             "use an earlier saved copy of this embedding."
         )
-    return t.to(torch.float32).contiguous()
+    biggest = float(t.abs().max())
+    if biggest > MAX_ABS_VALUE:
+        raise EmbeddingFormatError(
+            f"{where}: {key} holds a value of {biggest:.3g}, over the {MAX_ABS_VALUE:g} limit (trained vectors stay "
+            "well under 10; such values overflow half precision and give black images). Use an earlier copy."
+        )
+    return t
+
+
+def _shape(value: Any) -> str:
+    shape = tuple(getattr(value, "shape", ()))
+    return str(shape) if len(shape) <= 8 else f"({len(shape)} dimensions)"
 
 
 def _from_dict(data: Any, name: str, where: str, source: str = "") -> Embedding:
@@ -189,13 +301,21 @@ def _from_dict(data: Any, name: str, where: str, source: str = "") -> Embedding:
         fmt, emb = "diffusers", _read_diffusers(data, name, where)
     else:
         # Anything else: say which keys we saw, so the user can tell what tool wrote the file.
-        keys = [repr(k) for k in data.keys()]
+        keys = [_short_repr(k) for k in list(data.keys())[:13]]
         shown = ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else "") if keys else "none"
         raise EmbeddingFormatError(
             f"{where}: unknown embedding layout (keys found: {shown}); expected string_to_param (A1111), "
             "clip_l + clip_g (SDXL), emb_params (kohya) or a single {token: tensor} (diffusers)."
         )
     return _finish(emb, data, source or fmt)
+
+
+def _short_repr(key: Any) -> str:
+    """A key as the user may see it: text and numbers in short, anything else by its type."""
+    if isinstance(key, (str, int)) and not isinstance(key, bool):
+        text = repr(key) if not isinstance(key, int) or abs(key) < 10**12 else "a huge number"
+        return text if len(text) <= 40 else text[:37] + "...'"
+    return f"a {type(key).__name__}"
 
 
 def _read_a1111(data: collections.abc.Mapping, name: str, where: str) -> tuple[str, Embedding]:
@@ -218,15 +338,18 @@ def _read_sdxl(data: collections.abc.Mapping, name: str, where: str) -> Embeddin
 
 def _read_diffusers(data: collections.abc.Mapping, name: str, where: str) -> Embedding:
     ((token, value),) = data.items()
-    meta = {"token": str(token), "squeezed": value.dim() == 1}  # written back 1-D if it came 1-D
+    if not isinstance(token, str):
+        raise EmbeddingFormatError(f"{where}: its single key is a {type(token).__name__}, not a token text.")
+    meta = {"token": token, "squeezed": value.dim() == 1}  # written back 1-D if it came 1-D
     return Embedding(name, _as_tensor(value, where, repr(token)), meta=meta)
 
 
 def _finish(emb: Embedding, data: collections.abc.Mapping, fmt: str) -> Embedding:
     """Attach what every layout may carry beside its tensors: step, checkpoint, internal name, dtype."""
     for key in META_KEYS:
-        emb.meta.setdefault(key, data.get(key))
-    if isinstance(data.get("name"), str):
+        value = data.get(key)
+        emb.meta.setdefault(key, value if value is None or (isinstance(value, str) and len(value) <= 256) else None)
+    if isinstance(data.get("name"), str) and len(data["name"]) <= 256:
         emb.meta.setdefault("internal_name", data["name"])
     emb.meta["format"] = fmt
     dtype = _first_dtype(data)
@@ -237,23 +360,41 @@ def _finish(emb: Embedding, data: collections.abc.Mapping, fmt: str) -> Embeddin
 
 
 def _first_dtype(data: Any) -> torch.dtype | None:
-    for value in data.values() if isinstance(data, (dict, collections.abc.Mapping)) else ():
+    """The dtype of the first tensor, looking two levels deep (string_to_param's); never a full walk."""
+    for value in data.values() if isinstance(data, collections.abc.Mapping) else ():
         if isinstance(value, torch.Tensor):
             return value.dtype
-        if isinstance(value, (dict, collections.abc.Mapping)):
-            inner = _first_dtype(value)
-            if inner is not None:
-                return inner
+        if isinstance(value, collections.abc.Mapping):
+            for inner in value.values():
+                if isinstance(inner, torch.Tensor):
+                    return inner.dtype
     return None
 
 
 def _int_or_none(value: Any) -> int | None:
-    if value is None:
+    """A step count, or None when it is missing or not a plausible one (NaN, inf, negative, 1e300, text)."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)) or value is None:
         return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
+    if isinstance(value, str):
+        value = value.strip()
+        if not value.isdigit() or len(value) > 12:
+            return None
+        value = int(value)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return None
+        value = value.item()
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            return None
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= MAX_STEP:
+        return value
+    return None
 
 
 def _with_file_meta(emb: Embedding, file_meta: dict[str, str]) -> Embedding:
@@ -261,9 +402,9 @@ def _with_file_meta(emb: Embedding, file_meta: dict[str, str]) -> Embedding:
     if not file_meta:
         return emb
     for key in META_KEYS:
-        if key in file_meta:
+        if key in file_meta and len(file_meta[key]) <= 256:
             emb.meta[key] = file_meta[key]
-    if "name" in file_meta:
+    if "name" in file_meta and len(file_meta["name"]) <= 256:
         emb.meta["internal_name"] = file_meta["name"]
     step = _int_or_none(file_meta.get("step"))
     if step is not None and emb.step is None:
@@ -277,10 +418,11 @@ def _read_image(path: Path) -> Embedding:
     try:
         data, source = image_embedding.read_image_data(path)
     except image_embedding.ImageDataError as e:
-        raise EmbeddingFormatError(f"{path.name}: embedding data in the image is damaged: {e}") from e
+        raise EmbeddingFormatError(f"{path.name} was not loaded: {e}.") from e
     if data is None:
         raise NotAnEmbeddingImage(f"{path.name} is an image without embedding data (a preview?).")
-    name = data.get("name") if isinstance(data.get("name"), str) and data.get("name") else path.stem
+    internal = data.get("name") if isinstance(data, collections.abc.Mapping) else None
+    name = internal if isinstance(internal, str) and 0 < len(internal) <= 256 else path.stem
     return _from_dict(data, name, path.name, source=source)
 
 
@@ -324,8 +466,8 @@ def write(embedding: Embedding, path: str | Path, layout: str | None = None, *, 
     tensors = _tensors_for(embedding, layout, token)
     if path.suffix.lower() == ".safetensors":
         return atomic_write(path, lambda tmp: _save_safetensors(tensors, tmp, _safetensors_meta(embedding)))
-    payload = a1111_dict(embedding) if layout == "a1111" else tensors  # SDXL .pt: only clip_l and clip_g
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    payload = a1111_dict(embedding) if layout in ("a1111", "sdxl") else tensors
+    return atomic_write(path, lambda tmp: torchfile.save(payload, tmp, archive_name=path.stem))
 
 
 def _check_writable(embedding: Embedding, layout: str, path: Path) -> None:
@@ -362,11 +504,15 @@ def _tensors_for(embedding: Embedding, layout: str, token: str | None) -> dict[s
 
 
 def a1111_dict(embedding: Embedding) -> dict[str, Any]:
-    """The A1111 `.pt` dict (`Embedding.save` in `modules/textual_inversion/textual_inversion.py`); SDXL embeddings keep their clip_l/clip_g pair instead."""
+    """The A1111 `.pt` dict (`Embedding.save` in `modules/textual_inversion/textual_inversion.py`); SDXL embeddings are their clip_l/clip_g pair and nothing else.
+
+    A1111's SDXL branch (`create_embedding_from_data`) calls `.detach()` on every value of the dict, so a
+    `name` or `step` beside the pair would crash it; an SDXL pair keeps its metadata only in .safetensors.
+    """
+    if embedding.is_sdxl:
+        return {"clip_l": _clean(embedding.parts["clip_l"]), "clip_g": _clean(embedding.parts["clip_g"])}
     base: dict[str, Any] = {"name": embedding.name, "step": embedding.step}
     base.update({k: embedding.meta.get(k) for k in META_KEYS})
-    if embedding.is_sdxl:
-        return {"clip_l": _clean(embedding.parts["clip_l"]), "clip_g": _clean(embedding.parts["clip_g"]), **base}
     return {"string_to_token": {"*": A1111_TOKEN_ID}, "string_to_param": {"*": _clean(embedding.vectors)}, **base}
 
 
@@ -399,7 +545,8 @@ def write_optim(embedding_path: str | Path, embedding: Embedding, optimizer_stat
 
     `extra` adds keys beside A1111's two (A1111 reads only `hash` and `optimizer_state_dict`)."""
     payload = {**(extra or {}), "hash": embedding.checksum(), "optimizer_state_dict": optimizer_state_dict}
-    return atomic_write(optim_path(embedding_path), lambda tmp: torch.save(payload, tmp))
+    path = optim_path(embedding_path)
+    return atomic_write(path, lambda tmp: torchfile.save(payload, tmp, archive_name=path.stem))
 
 
 def read_optim(embedding_path: str | Path, embedding: Embedding) -> dict | None:

@@ -28,12 +28,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
 from . import __version__, sdxl
 from .config import SAMPLER_TABLE, SAMPLERS, Compile, GenerateConfig, Paths
-from .errors import ConfigError
+from .errors import ConfigError, TinvError
 from .events import Generated, Step
 from .fileio import atomic_write, disk_full_is_said
 from .tokens import PromptEncoder
@@ -211,10 +212,16 @@ def _sample(studio, cfg: GenerateConfig, vectors, generators, on_step: OnStep | 
         width=cfg.width,
         height=cfg.height,
         generator=generators,
-        output_type="pil",
+        output_type="np",
         callback_on_step_end=_step_callback(on_step),
     ).images
-    return images, used
+    # A NaN image would be saved as a black PNG without a word: say so instead.
+    for image, generator in zip(images, generators):
+        if not np.isfinite(image).all():
+            raise TinvError(f"the image for seed {generator.initial_seed()} came out of the VAE as NaN (not a number), "
+                            "so nothing was saved. A VAE in half precision overflows this way (use a float32 VAE), "
+                            "or an embedding in the prompt holds values far out of range.")
+    return pipe.numpy_to_pil(images), used
 
 
 def _step_callback(on_step: OnStep | None):

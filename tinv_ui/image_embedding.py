@@ -8,6 +8,10 @@ Two carriers, both written, so a file survives tools that strip text chunks:
 
 The layout is byte-compatible with A1111 (same LCG, padding, pattern and order), so images written here
 load there and vice versa. WebP is written lossless (pixels only: WebP has no tEXt chunk).
+
+Reading is bounded (an image in embeddings/ may be hostile): the pixel count is checked from the header
+before decoding (`MAX_PIXELS`), the zlib stream in the pixels and the text chunk may yield at most
+`MAX_JSON_BYTES` of JSON, and Pillow's own text-chunk limits are reported as such.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ TEXT_KEY = "sd-ti-embedding"
 TENSOR_KEY = "TORCHTENSOR"
 CHANNELS = 3
 CARD_SIZE = 256  # the default picture carrying the data when the caller gives none
+MAX_PIXELS = 4096 * 4096  # A1111 writes a card of a few hundred pixels plus the data columns
+MAX_JSON_BYTES = 8 * 1024 * 1024  # 75 SDXL vectors are about 3 MB of JSON
 
 
 class ImageDataError(ValueError):
@@ -52,8 +58,21 @@ def to_json(data: dict) -> str:
 
 
 def from_json(text: str | bytes) -> dict:
-    """Inverse of `to_json`: every `TORCHTENSOR` object becomes a float64 tensor."""
-    return json.loads(text, object_hook=_decode_hook)
+    """Inverse of `to_json`: every `TORCHTENSOR` object becomes a float64 tensor.
+
+    `ImageDataError` when it is not embedding JSON (including nesting too deep to parse, or a
+    `TORCHTENSOR` that holds no numbers)."""
+    if len(text) > MAX_JSON_BYTES:
+        raise ImageDataError(f"its embedding data is {len(text) / 2**20:.0f} MB of JSON, over the "
+                             f"{MAX_JSON_BYTES // 2**20} MB limit")
+    try:
+        return json.loads(text, object_hook=_decode_hook)
+    except RecursionError as e:
+        raise ImageDataError("its embedding data nests too deeply") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ImageDataError("its embedding data is not valid JSON") from e
+    except (TypeError, RuntimeError, OverflowError) as e:  # raised by torch.tensor in _decode_hook
+        raise ImageDataError(f"a {TENSOR_KEY} value in it holds no numeric vectors") from e
 
 
 def to_b64(data: dict) -> str:
@@ -63,10 +82,16 @@ def to_b64(data: dict) -> str:
 
 def from_b64(text: str | bytes) -> dict:
     """Decode a `sd-ti-embedding` chunk value; `ImageDataError` when it is not valid base64 JSON."""
+    if len(text) > MAX_JSON_BYTES * 4 // 3 + 4:
+        raise ImageDataError(f"its {TEXT_KEY} text chunk is over the {MAX_JSON_BYTES // 2**20} MB limit")
     try:
-        return from_json(base64.b64decode(text, validate=False))
-    except (binascii.Error, ValueError, UnicodeDecodeError) as e:
-        raise ImageDataError(f"the {TEXT_KEY} text chunk is not valid base64 JSON ({e})") from e
+        raw = base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError) as e:
+        raise ImageDataError(f"its {TEXT_KEY} text chunk is damaged (not valid base64 JSON)") from e
+    try:
+        return from_json(raw)
+    except ImageDataError as e:
+        raise ImageDataError(f"its {TEXT_KEY} text chunk is damaged: {e}") from e
 
 
 # -- pixel codec (the picture A1111 draws around the data) ----------------------------------------------------
@@ -187,13 +212,17 @@ def extract_data(image: Image.Image) -> dict | None:
         return None
     stream = ((upper << 4) | lower).reshape(-1).tobytes()
     try:
-        text = zlib.decompressobj().decompress(stream)  # trailing cyclic padding is ignored
+        # trailing cyclic padding is ignored; max_length stops a zlib bomb before it is inflated
+        text = zlib.decompressobj().decompress(stream, MAX_JSON_BYTES + 1)
     except zlib.error:
         return None  # black columns but no zlib stream: an ordinary picture
+    if len(text) > MAX_JSON_BYTES:
+        raise ImageDataError(f"the data in its pixels inflates to over {MAX_JSON_BYTES // 2**20} MB, the limit "
+                             "for embedding JSON")
     try:
         return from_json(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ImageDataError(f"the pixel data decompresses but is not embedding JSON ({e})") from e
+    except ImageDataError as e:
+        raise ImageDataError(f"the data in its pixels is damaged: {e}") from e
 
 
 # -- files ----------------------------------------------------------------------------------------------
@@ -201,13 +230,26 @@ def read_image_data(path: Path) -> tuple[dict | None, str]:
     """(data, source) from an image file: the text chunk first, then the pixels; (None, "") if neither."""
     try:
         with Image.open(path) as img:
+            width, height = img.size  # from the header: nothing is decoded yet
+            if width * height > MAX_PIXELS:
+                raise ImageDataError(f"it is {width}x{height} pixels, over the {MAX_PIXELS // 2**20} megapixel "
+                                     "limit for an image embedding; it was not decoded")
             img.load()
             text = getattr(img, "text", {}).get(TEXT_KEY) or img.info.get(TEXT_KEY)
             if text:
                 return from_b64(text), "image-text"
             data = extract_data(img)
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ImageDataError(f"not a readable image ({e})") from e
+    except Image.DecompressionBombError as e:
+        raise ImageDataError("it is too many pixels to decode safely (Pillow's decompression-bomb limit)") from e
+    except ValueError as e:
+        if isinstance(e, ImageDataError):
+            raise
+        # Pillow refuses text chunks over PngImagePlugin.MAX_TEXT_CHUNK / MAX_TEXT_MEMORY with ValueError
+        raise ImageDataError(f"its text chunks are over Pillow's safety limits "
+                             f"({PngImagePlugin.MAX_TEXT_CHUNK // 2**20} MB per chunk, "
+                             f"{PngImagePlugin.MAX_TEXT_MEMORY // 2**20} MB in all)") from e
+    except (OSError, SyntaxError, EOFError) as e:
+        raise ImageDataError("it is not a readable image (truncated or corrupt)") from e
     return (data, "image-pixels") if data is not None else (None, "")
 
 

@@ -7,13 +7,16 @@ Compared with A1111's `EmbeddingDatabase` (`modules/textual_inversion/textual_in
 - parsed files and their sha256 are cached per (path, size, mtime_ns, inode): a rescan re-reads only
   what changed;
 - a file that cannot be used is listed in `skipped` with the reason, never silently dropped, and one
-  bad file never aborts the scan;
+  bad file never aborts the scan: reading a file ends in "loaded" or "skipped: <reason>", whatever it
+  holds (formats.read bounds the cost of each file), including links that loop or point nowhere and
+  file names that are not valid UTF-8 (shown with U+FFFD for the bad bytes);
 - the same name in two files keeps one deterministically (shallower path, then alphabetical) and
   says so in `collisions`; names that tokenize alike, or that are a real vocabulary word, are reported.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -76,6 +79,11 @@ def width_label(width: int) -> str:
     """`768 (SD 1.x)`: a width with the model family it belongs to, when known."""
     family = WIDTH_FAMILIES.get(width)
     return f"{width} ({family})" if family else str(width)
+
+
+def printable(text: str) -> str:
+    """`text` as UTF-8 can show it: bytes of a non-UTF-8 file name (surrogate escapes) become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _family_mismatch(emb: Embedding, expected_width: int | None, expected_parts: tuple[int, int] | None) -> str:
@@ -156,11 +164,15 @@ class EmbeddingLibrary:
         """Every candidate file with its stat key, sorted: the cheap change signature."""
         out: list[_StatKey] = []
         for path in self._walk():
+            rel = path.relative_to(self.folder).as_posix()
             try:
                 st = path.stat()
-            except FileNotFoundError:  # deleted between listing and stat
+            except OSError as e:
+                if not path.is_symlink():
+                    continue  # deleted between listing and stat
+                out.append((rel, -1, e.errno or 0, 0))  # a dangling link or a link loop: listed as skipped
                 continue
-            out.append((path.relative_to(self.folder).as_posix(), st.st_size, st.st_mtime_ns, st.st_ino))
+            out.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
         return sorted(out)
 
     def _walk(self) -> Iterator[Path]:
@@ -183,15 +195,26 @@ class EmbeddingLibrary:
         if cached is not None:
             return cached
         path = self.folder / key[0]
+        shown = printable(key[0])
         try:
-            emb = formats.read(path)
-            parsed = _Parsed(emb, sha256=file_sha256(path))
+            if key[1] == -1:
+                what = "points to itself in a loop" if key[2] == errno.ELOOP else "points to a file that does not exist"
+                parsed = _Parsed(None, error=f"{shown}: it is a symbolic link that {what}; fix or delete the link")
+            elif shown != key[0]:
+                parsed = _Parsed(None, error=f"{shown}: its file name is not valid UTF-8 (shown with \ufffd for the bad "
+                                             "bytes); rename the file")
+            else:
+                emb = formats.read(path)
+                parsed = _Parsed(emb, sha256=file_sha256(path))
         except formats.NotAnEmbeddingImage:
             parsed = _Parsed(None)  # an ordinary picture: not listed anywhere, like A1111
         except EmbeddingFormatError as e:
             parsed = _Parsed(None, error=str(e))
         except OSError as e:  # vanished or unreadable mid-scan; the next refresh sees its new state
-            parsed = _Parsed(None, error=f"{key[0]}: cannot be read ({e.strerror or e})")
+            parsed = _Parsed(None, error=f"{shown}: cannot be read ({e.strerror or 'I/O error'})")
+        except Exception as e:  # noqa: BLE001 - one file never breaks the library, whatever it holds
+            log.warning("reading %s failed", shown, exc_info=True)
+            parsed = _Parsed(None, error=f"{shown}: could not be read as an embedding ({type(e).__name__})")
         self._cache[key] = parsed
         return parsed
 
@@ -206,7 +229,7 @@ class EmbeddingLibrary:
             path = self.folder / key[0]
             parsed = self._parse(key)
             if parsed.error:
-                skipped.append(Skipped(path, path.stem, parsed.error))
+                skipped.append(Skipped(path, printable(path.stem), parsed.error))
                 continue
             if parsed.embedding is None:
                 continue
@@ -245,7 +268,11 @@ class EmbeddingLibrary:
         """Names that read as the same prompt word; names that are a single vocabulary word."""
         groups: dict[tuple[int, ...], list[str]] = {}
         for name in loaded:
-            ids = tuple(tokenizer(name, add_special_tokens=False, truncation=False, verbose=False).input_ids)
+            try:
+                ids = tuple(tokenizer(name, add_special_tokens=False, truncation=False, verbose=False).input_ids)
+            except Exception:  # noqa: BLE001 - an odd internal name of an image embedding must not break the scan
+                warnings.append(f"{name!r} cannot be tokenized; rename its file.")
+                continue
             if not ids:
                 warnings.append(f"{name!r} tokenizes to nothing and can never match a prompt; rename its file.")
                 continue

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
@@ -25,7 +23,7 @@ from .config import GenerateConfig, TrainConfig
 from .embedding import Embedding
 from .errors import TrainingError
 from .events import Preview
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, is_disk_full
 
 if TYPE_CHECKING:
     from .train_setup import Plan, Run
@@ -35,7 +33,6 @@ log = logging.getLogger(__name__)
 CSV_FLUSH_SECONDS = 5.0
 CSV_HEADER = "step,epoch,epoch_step,loss,learn_rate\n"
 RESUME_KEY = "tinv_ui_resume"  # the `.optim` key of the data/noise RNG states and the data-order position
-DISK_NEARLY_FULL_BYTES = 1 << 20
 
 
 @contextlib.contextmanager
@@ -48,23 +45,9 @@ def disk_full_is_a_training_error(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as e:
-        if not _is_disk_full(e, path):
+        if isinstance(e, TrainingError) or not is_disk_full(e, path):
             raise
         raise TrainingError(f"the disk is full while writing {path}; free some space and resume.") from e
-
-
-def _is_disk_full(error: BaseException, path: Path) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if isinstance(error, TrainingError):
-        return False
-    folder = path.parent
-    while not folder.exists() and folder.parent != folder:
-        folder = folder.parent
-    try:
-        return shutil.disk_usage(folder).free < DISK_NEARLY_FULL_BYTES
-    except OSError:
-        return False
 
 
 class LossLog:

@@ -15,15 +15,15 @@ from starlette.middleware import Middleware
 
 from .. import __version__
 from ..config import Paths
-from ..confine import Confinement
+from ..confine import Confinement, is_loopback
 from ..jobs import TrainingRunner
 from ..library import EmbeddingLibrary
 from ..studio import Studio
 from .context import CSS, UIContext, library_report
 from .create_tab import build_create_tab
 from .generate_tab import GenerateTab, build_generate_tab
-from .model_picker import build_model_picker, wire_load
-from .server_guard import ServerGuard, is_loopback
+from .model_picker import build_model_picker, page_model_state, wire_load
+from .server_guard import ServerGuard
 from .train_tab import TrainTab, build_train_tab
 
 TITLE = "tinv-ui: Textual Inversion"
@@ -53,10 +53,13 @@ def build_ui(studio: Studio, library: EmbeddingLibrary, runner: TrainingRunner, 
             return embedding_updates(ctx, train, generate, select)
 
         outputs = [train.embedding, generate.insert, generate.library_info]
-        # A page opened (or reloaded) later gets today's embeddings, with the running job's one selected.
-        demo.load(lambda: sync_embeddings(_embedding_to_select(ctx)), outputs=outputs, api_visibility="private")
-        create.event.success(sync_embeddings, inputs=create.created, outputs=outputs, api_visibility="private")
         sizes = [train.form.components[k] for k in ("width", "height")] + [generate.form.components[k] for k in ("width", "height")]
+        # A page opened (or reloaded) later gets today's embeddings, with the running job's one selected, and
+        # the model loaded now: picker, status line and width/height at its native size.
+        demo.load(lambda: sync_embeddings(_embedding_to_select(ctx)) + list(page_model_state(ctx))
+                  + [ctx.native_resolution] * 4,
+                  outputs=outputs + [picker.dropdown, picker.status] + sizes, api_visibility="private")
+        create.event.success(sync_embeddings, inputs=create.created, outputs=outputs, api_visibility="private")
         wire_load(ctx, picker).success(
             lambda: sync_embeddings() + [ctx.native_resolution] * 4, outputs=outputs + sizes, api_visibility="private"
         )

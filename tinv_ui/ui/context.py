@@ -6,6 +6,7 @@ One `UIContext` is built per app in `build_ui`; nothing here is global.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,14 +74,28 @@ def progress_html(done: int, total: int, label: str, state: str = "running") -> 
     )
 
 
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|~$:])")
+
+
+def md_text(text: str) -> str:
+    """`text` (a file or embedding name, a reason) as Markdown that renders it literally: HTML and Markdown
+    characters are escaped, and bytes of a non-UTF-8 file name show as U+FFFD."""
+    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return html.escape(_MARKDOWN_PUNCTUATION.sub(r"\\\1", text), quote=False).replace("\n", " ")
+
+
 def library_report(library) -> str:
-    """Markdown: how many embeddings are loaded, which were skipped and why, collisions and warnings."""
+    """Markdown: how many embeddings are loaded, which were skipped and why, collisions and warnings.
+
+    Names come from files anyone may drop into the folder, so every piece of text is shown literally.
+    """
     names = library.names()
-    lines = [f"**{len(names)} embedding{'s' if len(names) != 1 else ''} loaded**" + (f": {', '.join(names)}" if names else "")]
+    shown = ", ".join(md_text(n) for n in names)
+    lines = [f"**{len(names)} embedding{'s' if len(names) != 1 else ''} loaded**" + (f": {shown}" if names else "")]
     for s in library.skipped:
-        lines.append(f"- skipped `{s.name}` ({s.path.name}): {s.reason}")
-    lines += [f"- collision: {c}" for c in library.collisions]
-    lines += [f"- warning: {w}" for w in library.warnings]
+        lines.append(f"- skipped <code>{md_text(s.name)}</code> ({md_text(s.path.name)}): {md_text(s.reason)}")
+    lines += [f"- collision: {md_text(c)}" for c in library.collisions]
+    lines += [f"- warning: {md_text(w)}" for w in library.warnings]
     return "\n".join(lines)
 
 

@@ -51,14 +51,23 @@ def current_source(ctx: UIContext) -> str | None:
 
 
 def model_status(ctx: UIContext) -> str:
-    """One line: which model is loaded, where, in which dtype, at which native size."""
+    """One line: which model is loaded, its family, where, in which dtype, at which native size; then the last
+    failed load, if any (e.g. a broken `--model` the app started without)."""
     studio = ctx.studio
+    failed = f"  \n⚠ Not loaded: {studio.load_error}" if studio.load_error else ""
     if studio.info is None:
-        return "No model loaded: pick one and press **Load**."
+        return "No model loaded: pick one and press **Load**." + failed
     info = studio.info
-    note = " (random weights: images are noise, for testing only)" if info.is_tiny else ""
+    note = " (random weights: images are noise, for testing only)" if info.is_tiny else f" ({info.kind})"
     return (f"Loaded **{info.label}**{note} on {studio.device} · {str(studio.dtype).removeprefix('torch.')} · "
-            f"native {info.resolution}px · embeddings {width_label(studio.pipeline)}")
+            f"native {info.resolution}px · embeddings {width_label(studio.pipeline)}{failed}")
+
+
+def page_model_state(ctx: UIContext) -> tuple[gr.Dropdown, str]:
+    """What a page shows of the loaded model when it is opened or reloaded: the picker set to it (with
+    today's choices) and the status line. Built at page load, not at app start, so a model loaded since then
+    (from any tab) is the one shown."""
+    return gr.Dropdown(choices=model_choices(ctx), value=current_source(ctx)), model_status(ctx)
 
 
 def build_model_picker(ctx: UIContext) -> ModelPicker:

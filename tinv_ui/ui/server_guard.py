@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import math
@@ -24,6 +23,8 @@ import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from ..confine import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,6 @@ LOGIN_PATHS = frozenset({"/login", "/login/"})
 FREE_LOGIN_TRIES = 5
 MAX_LOCKOUT_SECONDS = 300.0
 MAX_TRACKED_CLIENTS = 10_000
-
-
-def is_loopback(bind: str) -> bool:
-    """True when the app is bound to a loopback address or name (127.0.0.0/8, ::1, localhost)."""
-    if bind.lower() in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(bind.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def split_host(value: str) -> tuple[str, int | None]:
