@@ -3,6 +3,8 @@
     python bench/bench.py                      # GPU: SD1.5-shaped random model, built offline once, 512 px
     python bench/bench.py --model PATH         # a real model (diffusers folder, .safetensors/.ckpt, hub id)
     python bench/bench.py --tiny --quick       # CPU smoke test on the tiny model (seconds; run by the tests)
+    python bench/bench.py --family sdxl        # GPU: SDXL-shaped random model, built offline once, 1024 px
+    python bench/bench.py --family sdxl --tiny --quick   # CPU: the tiny SDXL model (128 px)
     python bench/bench.py --load --model PATH  # only the model load: seconds (first and cached-hash) and peak RAM
 
 Measures training samples/s for each batch size, eager and compiled (`TrainConfig.compile`), optimizer
@@ -124,6 +126,46 @@ def build_sd15(folder: Path, cache_dir: Path, dtype=None) -> Path:
     return folder
 
 
+def build_sdxl(folder: Path, cache_dir: Path, dtype=None) -> Path:
+    """Save an SDXL-shaped pipeline with random weights (SDXL base's shapes and FLOPs) to `folder`.
+
+    Shapes come from the SDXL configs shipped for single-file loading, tokenizers are CLIP's BPE built offline
+    (the second pads with "!", as SDXL's does); weights are made on the GPU when there is one, saved in `dtype`
+    (default fp16). The VAE config keeps `force_upcast`, so the app runs it in fp32 beside an fp16 UNet.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tinv_ui.checkpoints import CONFIG_DIR
+    from tinv_ui.fileio import atomic_write_text
+    from tinv_ui.sdxl_checkpoint import tokenizer
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    configs = CONFIG_DIR / "sdxl"
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs, subfolder="vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(configs, subfolder="text_encoder"))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(configs, subfolder="text_encoder_2"))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, unet=unet,
+        tokenizer=tokenizer(configs, "tokenizer", cache_dir), tokenizer_2=tokenizer(configs, "tokenizer_2", cache_dir),
+        scheduler=EulerDiscreteScheduler.from_pretrained(configs, subfolder="scheduler"), add_watermarker=False,
+    )
+    tmp = folder.with_name(folder.name + ".partial")
+    pipe.to(dtype or torch.float16).save_pretrained(tmp)
+    os.replace(tmp, folder)
+    atomic_write_text(folder / "BENCH_MODEL.txt", "SDXL-shaped random weights built by bench/bench.py\n")
+    del pipe, unet, vae, text_encoder, text_encoder_2
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return folder
+
+
 def write_images(folder: Path, n: int, size: int) -> Path:
     """`n` distinct gradient PNGs of `size` px with captions in their file names."""
     import numpy as np
@@ -140,13 +182,19 @@ def write_images(folder: Path, n: int, size: int) -> Path:
 
 
 def fresh_embedding(studio, embeddings_dir: Path, name: str) -> Path:
-    """(Re)write a 2-vector embedding at step 0, initialised from "cat", so every run starts from scratch."""
-    from tinv_ui import formats
+    """(Re)write a 2-vector embedding at step 0, initialised from "cat", so every run starts from scratch.
+    With an SDXL model: a clip_l/clip_g pair, as `.safetensors` (and its `.optim` removed)."""
+    from tinv_ui import formats, sdxl
     from tinv_ui.embedding import Embedding
 
     token = studio.tokenizer("cat", add_special_tokens=False).input_ids[0]
-    row = studio.text_encoder.get_input_embeddings().weight[token].detach().float().cpu()
-    return formats.write(Embedding(name, row.repeat(2, 1).clone(), step=0), embeddings_dir / f"{name}.pt")
+    rows = [te.get_input_embeddings().weight[token].detach().float().cpu().repeat(2, 1).clone()
+            for te in sdxl.text_encoders(studio.pipeline)]
+    if studio.is_sdxl:
+        path = embeddings_dir / f"{name}.safetensors"
+        formats.optim_path(path).unlink(missing_ok=True)
+        return formats.write(Embedding(name, step=0, parts={"clip_l": rows[0], "clip_g": rows[1]}), path)
+    return formats.write(Embedding(name, rows[0], step=0), embeddings_dir / f"{name}.pt")
 
 
 # -- measurements ------------------------------------------------------------------------------------------------
@@ -216,7 +264,7 @@ def measure_training(studio, ctx: dict, batch: int, mode: str, plan: Plan, clock
         embedding=ctx["name"], dataset_dir=str(ctx["dataset"]), template="style_filewords", learn_rate="0.005",
         batch_size=batch, max_steps=warm + plan.steps, width=ctx["size"], height=ctx["size"], preview_every=0,
         save_every=0, write_csv_every=0, save_optimizer_state=False, seed=0,
-        compile="on" if mode == "compiled" else "off",
+        compile="on" if mode == "compiled" else "off", gradient_checkpointing=ctx.get("checkpointing", False),
     )
     t_call, times, prepare = clock.now(), {}, None
     for event in train(studio, cfg, ctx["library"], ctx["paths"]):
@@ -330,7 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dataset = write_images(work / f"images-{size}", NUM_IMAGES, size)
     startup = measure_startup(studio, spec, dataset, size, clock)
     ctx = {"name": "benchemb", "dataset": dataset, "size": size, "paths": paths,
-           "library": EmbeddingLibrary(paths.embeddings_dir)}
+           "library": EmbeddingLibrary(paths.embeddings_dir), "checkpointing": args.gradient_checkpointing}
     paths.embeddings_dir.mkdir(parents=True, exist_ok=True)
     train_runs = [measure_training(studio, ctx, b, m, plan, clock) for m in plan.modes for b in plan.batches]
     # What a user waits for before training starts: libraries imported, model loaded, then the first run's
@@ -383,12 +431,20 @@ def model_spec(args: argparse.Namespace, paths) -> tuple[Any, int]:
 
     from tinv_ui.config import ModelSpec
 
+    from tinv_ui.tiny_model import TINY_SDXL, TINY_SDXL_RESOLUTION
+
+    xl = args.family == "sdxl"
     if args.tiny or (args.model is None and not torch.cuda.is_available()):
         if not args.tiny:
             log.warning("no CUDA device: running the smoke test on the tiny model (pass --tiny to silence this)")
+        if xl:
+            return ModelSpec(TINY_SDXL, device=args.device), args.size or TINY_SDXL_RESOLUTION
         return ModelSpec("tiny", device=args.device), args.size or 64
-    source = args.model or str(build_sd15(paths.models_dir / "sd15-random", paths.cache_dir))
-    return ModelSpec(source, device=args.device, dtype=args.dtype), args.size or 512
+    if args.model is None and xl:
+        source = str(build_sdxl(paths.models_dir / "sdxl-random", paths.cache_dir))
+    else:
+        source = args.model or str(build_sd15(paths.models_dir / "sd15-random", paths.cache_dir))
+    return ModelSpec(source, device=args.device, dtype=args.dtype), args.size or (1024 if xl else 512)
 
 
 def warm_imports() -> None:
@@ -402,8 +458,9 @@ def warm_imports() -> None:
 
 
 def comparable(meta: dict[str, Any]) -> bool:
-    """Only a GPU run on an SD1.5-shaped model at 512 px is judged against the H100 targets."""
-    return not meta["device"].startswith("CPU") and meta["size"] == 512 and "tiny" not in meta["model"]
+    """Only a GPU run on an SD1.5-shaped model at 512 px is judged against the H100 targets (not SDXL's)."""
+    return (not meta["device"].startswith("CPU") and meta["size"] == 512 and "tiny" not in meta["model"]
+            and meta.get("family") != "SDXL")
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, bool | None] | None:
@@ -434,6 +491,7 @@ def environment(studio, spec, size: int, plan: Plan, args: argparse.Namespace) -
         "cuda": torch.version.cuda, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "model": studio.info.label, "dtype": str(studio.dtype).removeprefix("torch."), "size": size,
         "quick": bool(args.quick), "plan": plan.__dict__, "cpu_threads": torch.get_num_threads(),
+        "family": "SDXL" if studio.is_sdxl else "SD", "gradient_checkpointing": bool(args.gradient_checkpointing),
     }
 
 
@@ -479,6 +537,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="A real model (diffusers folder, .safetensors/.ckpt, hub id). "
                    "Default: an SD1.5-shaped random model built offline into --work.")
     p.add_argument("--tiny", action="store_true", help="Use the tiny test model (the CPU smoke test).")
+    p.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="sdxl: an SDXL-shaped random model at "
+                   "1024 px (with --tiny: the tiny SDXL model, 128 px). Default sd (SD1.5 shape, 512 px).")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="Train with gradient checkpointing "
+                   "(the SDXL 12 GiB batch-1 target is for this setting).")
     p.add_argument("--quick", action="store_true", help="Few steps, batches 1 and 4, eager only.")
     p.add_argument("--load", action="store_true", help="Only measure loading the model: seconds and peak RAM.")
     p.add_argument("--batches", type=int, nargs="+", help="Training batch sizes (default 1 4 8 16).")

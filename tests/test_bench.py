@@ -54,6 +54,25 @@ def test_quick_tiny_run_reports_every_metric(tmp_path, cache_dir, bench):
     assert (tmp_path / "work" / "embeddings" / "benchemb.pt").is_file()
 
 
+def test_quick_tiny_sdxl_run_trains_and_generates_a_pair(tmp_path, cache_dir, bench):
+    """`--family sdxl --tiny`: the CPU run on the tiny SDXL model trains the clip_l/clip_g pair and generates."""
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(BENCH), "--tiny", "--family", "sdxl", "--quick", "--device", "cpu", "--threads", "1",
+           "--batches", "1", "--work", str(tmp_path / "work"), "--cache-dir", str(cache_dir), "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text(encoding="utf-8"))
+    meta, m = results["meta"], results["metrics"]
+    assert meta["family"] == "SDXL" and meta["model"].startswith("tiny SDXL") and meta["size"] == 128
+    assert m["optimizer_steps_per_s_batch1"] > 0 and m["generate_s_per_image_batch1"] > 0
+    assert results["pass"] is None
+    from tinv_ui import formats
+
+    trained = formats.read(tmp_path / "work" / "embeddings" / "benchemb.safetensors")
+    assert trained.is_sdxl and trained.step == bench.QUICK.warmup + bench.QUICK.steps
+
+
 @pytest.fixture(scope="module")
 def versus(bench):
     """bench/versus.py imported as a module (it imports bench.py, already loaded by the `bench` fixture)."""
