@@ -91,7 +91,7 @@ def test_each_images_size_conditioning_and_the_pooled_text_reach_the_unet(sdxl_s
     unet = sdxl_studio.pipeline.unet
     handle = unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        run(sdxl_studio, paths, config(folder, max_steps=2, batch_size=4, flip=True))
+        run(sdxl_studio, paths, config(folder, max_steps=2, batch_size=4, flip=True, gradient_checkpointing=True))
     finally:
         handle.remove()
     assert len(calls) == 2
@@ -241,3 +241,20 @@ def test_an_sd_embedding_with_the_sdxl_model_is_refused_with_the_family_reason(s
     formats.write(Embedding("sdone", torch.zeros(2, 768), step=0), paths.embeddings_dir / "sdone.pt")
     with pytest.raises(ShapeMismatchError, match="an SD 1.x/2.x embedding .* does not fit the loaded SDXL model"):
         run(sdxl_studio, paths, config(images, embedding="sdone"))
+
+
+def test_interrupt_saves_the_pair_as_it_stands(sdxl_studio, paths, images):
+    import threading
+
+    from tinv_ui.events import Finished
+
+    path = make_pair(sdxl_studio, paths)
+    stop = threading.Event()
+    events = []
+    for event in train(sdxl_studio, config(images, max_steps=50), EmbeddingLibrary(paths.embeddings_dir), paths, stop):
+        events.append(event)
+        if isinstance(event, Step) and event.step == 2:
+            stop.set()
+    assert isinstance(events[-1], Finished) and events[-1].interrupted and events[-1].step == 2
+    saved = formats.read(path)
+    assert saved.is_sdxl and saved.step == 2
