@@ -31,7 +31,7 @@ from .studio import Studio
 from .templates import PromptBuilder, Template, load_template
 from .tokens import PromptEncoder, PromptTokenizer
 from .train_outputs import RESUME_KEY, LossLog
-from .train_speed import amp_dtype, memory_format, vae_offload_wanted
+from .train_speed import amp_dtype, half_text_encoder, half_text_encoder_wanted, memory_format, vae_offload_wanted
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +396,10 @@ def prepare(studio: Studio, plan: Plan, unet, optimizer_for, accelerator) -> Run
                   f"{sampler.batch_size}.",)
     main = accelerator is None or accelerator.is_main_process
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    encoder = PromptEncoder(studio.tokenizer, studio.text_encoder, {**others, plan.name: vectors})
+    # CUDA autocast: a half copy of the frozen encoder's linear weights, cast once here, not on every forward
+    text_encoder = half_text_encoder(studio.text_encoder, amp) if half_text_encoder_wanted(device, amp) \
+        else studio.text_encoder
+    encoder = PromptEncoder(studio.tokenizer, text_encoder, {**others, plan.name: vectors})
     return Run(
         studio=studio, plan=plan, vectors=vectors, optimizer=optimizer_for(plan, vectors),
         scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),  # fp16 only; bf16 needs none
