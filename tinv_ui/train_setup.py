@@ -340,6 +340,7 @@ class Run:
     last_finite_vectors: torch.Tensor  # what the NaN guard puts back (a buffer copied into, not a new clone)
     accelerator: Any = None
     vae_hook: Any = None
+    preview_pipeline: Any = None  # the previews' sampling pipeline: built at the first preview, then reused
     chunks: int = 1  # conditioning padded to this many 77-token chunks: the longest prompt's when compiled
     step: int = 0  # optimizer steps completed, counting the runs before this one (the embedding's `step`)
     notes: tuple[str, ...] = ()
@@ -352,6 +353,11 @@ class Run:
     @property
     def name(self) -> str:
         return self.plan.name
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the run trains a `torch.compile`d UNet (`train_speed.tuned_unet`)."""
+        return self.unet is not self.base_unet
 
     @property
     def is_main(self) -> bool:
