@@ -112,3 +112,26 @@ def test_a_bf16_autocast_run_casts_the_encoder_once_and_trains_fp32_vectors(stud
     trained = formats.read(path).vectors
     assert trained.dtype == torch.float32 and torch.isfinite(trained).all() and not torch.equal(trained, initial)
     assert studio.text_encoder.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_half_run_encodes_with_the_half_copy(paths, images, monkeypatch):
+    """On a GPU the real decision applies: the run's encoder has half linear weights, the studio's stays fp32."""
+    from tinv_ui.config import ModelSpec
+    from tinv_ui.studio import Studio
+
+    own = Studio(paths)
+    own.load(ModelSpec("tiny", device="cuda"))
+    runs, real_prepare = [], training.prepare
+    monkeypatch.setattr(training, "prepare", lambda *a, **kw: runs.append(real_prepare(*a, **kw)) or runs[-1])
+    path = create_embedding(own, CreateConfig(name=NAME, initializer="painting", num_vectors=2), paths.embeddings_dir)
+    initial = formats.read(path).vectors
+    cfg = TrainConfig(embedding=NAME, dataset_dir=str(images), template="subject_filewords", max_steps=3, width=64,
+                      height=64, learn_rate="0.05", save_every=0, preview_every=0, seed=1, save_optimizer_state=False)
+    assert sum(isinstance(e, Step) for e in training.train(own, cfg, EmbeddingLibrary(paths.embeddings_dir), paths)) == 3
+    (run,) = runs
+    linears = [m for m in run.encoder.text_encoder.modules() if isinstance(m, nn.Linear)]
+    assert {m.weight.dtype for m in linears} == {own.dtype} and own.text_encoder.dtype == torch.float32
+    trained = formats.read(path).vectors
+    assert torch.isfinite(trained).all() and not torch.equal(trained, initial)
