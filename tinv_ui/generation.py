@@ -143,8 +143,9 @@ def _conditioning(studio: Studio, cfg: GenerateConfig, vectors: Mapping[str, tor
     return cond[:n].to(unet_dtype), cond[n:].to(unet_dtype), used
 
 
-def _sampling_pipeline(studio: Studio, sampler: str, compiled: bool = False):
-    """A throw-away pipeline over the studio's modules with a fresh scheduler and no text encoder.
+def sampling_pipeline(studio: Studio, sampler: str, compiled: bool = False):
+    """A pipeline over the studio's modules with a fresh scheduler and no text encoder (`render` builds one per
+    batch unless given one: the trainer builds one per run for its previews).
 
     `compiled` puts the studio's `torch.compile`d UNet in it (`Studio.compiled_unet`).
 
@@ -176,18 +177,21 @@ def render(
     vectors: Mapping[str, torch.Tensor],
     hashes: Mapping[str, str] | None = None,
     on_step: OnStep | None = None,
+    pipe: Any = None,
 ) -> list[Rendered]:
     """Draw one batch of `cfg.batch_size` images with seeds `cfg.seed + i` (-1: random). The caller holds the lock.
 
     `vectors` maps embedding names to `[n, d]` tensors (they may be trainable parameters: no gradient is
-    recorded here). `on_step(step, total)` is called after each denoising step.
+    recorded here). `on_step(step, total)` is called after each denoising step. `pipe` is a `sampling_pipeline`
+    to draw with (its sampler and UNet are used, not `cfg.sampler`/`cfg.compile`); None builds a fresh one.
     """
     seed = resolve_seed(cfg.seed)
     seeds = [seed + i for i in range(cfg.batch_size)]
     device = studio.device
     with torch.no_grad():
         cond, uncond, used = _conditioning(studio, cfg, vectors)
-        pipe = _sampling_pipeline(studio, cfg.sampler, compiled=compiles(cfg, device))
+        if pipe is None:
+            pipe = sampling_pipeline(studio, cfg.sampler, compiled=compiles(cfg, device))
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         images = pipe(
             prompt_embeds=cond,

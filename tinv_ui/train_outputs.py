@@ -148,7 +148,11 @@ def render_preview(run: Run, step: int, prompt: str) -> Preview:
     gen_cfg = _preview_config(run.cfg, prompt)
     vectors = {**run.encoder.vectors, run.name: run.vectors.detach()}
     with run.studio.session(what=f"training {run.name}: preview at step {step}"):
-        rendered = generation.render(run.studio, gen_cfg, vectors, run.plan.hashes)
+        if run.preview_pipeline is None:  # once per run: its sampler and UNet do not change during the run
+            # a compiled run draws with the studio's compiled UNet (Generate's; the trainer's own wrapper is
+            # compiled for training shapes with CUDA graphs)
+            run.preview_pipeline = generation.sampling_pipeline(run.studio, gen_cfg.sampler, compiled=run.compiled)
+        rendered = generation.render(run.studio, gen_cfg, vectors, run.plan.hashes, pipe=run.preview_pipeline)
         if run.vae_hook is not None:
             run.vae_hook.offload()
     path = run.plan.out_dir / "images" / f"{run.name}-{step}.png"
