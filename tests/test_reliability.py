@@ -22,8 +22,8 @@ from tinv_ui import formats, torchfile, training
 from tinv_ui.config import CreateConfig, TrainConfig
 from tinv_ui.create import create_embedding
 from tinv_ui.dataset import load_dataset
-from tinv_ui.errors import DatasetError, TrainingError
-from tinv_ui.events import Finished, Saved, Started, Step
+from tinv_ui.errors import DatasetError
+from tinv_ui.events import Finished, Saved, Started
 from tinv_ui.jobs import TrainingRunner
 from tinv_ui.library import EmbeddingLibrary
 from tinv_ui.tokens import PromptTokenizer
