@@ -6,8 +6,6 @@ Each test starts its own `python app.py` (the loaded model is app-wide state).
 
 from __future__ import annotations
 
-import pytest
-
 from browser_app import browser_marks, chromium, field, open_page, pick_option, running_app
 
 pytestmark = browser_marks

@@ -15,16 +15,15 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from conftest import write_images
-from tinv_ui import formats, training
+from tinv_ui import formats, torchfile, training
 from tinv_ui.config import CreateConfig, TrainConfig
 from tinv_ui.create import create_embedding
 from tinv_ui.dataset import load_dataset
-from tinv_ui.errors import DatasetError, TrainingError
-from tinv_ui.events import Finished, Saved, Started, Step
+from tinv_ui.errors import DatasetError
+from tinv_ui.events import Finished, Saved, Started
 from tinv_ui.jobs import TrainingRunner
 from tinv_ui.library import EmbeddingLibrary
 from tinv_ui.tokens import PromptTokenizer
@@ -156,8 +155,9 @@ def test_interrupt_pressed_during_a_save_lets_the_save_finish_then_stops(studio,
 
 
 def _dies_halfway(exc: BaseException, when):
-    """A `torch.save` that writes half of the real bytes and then fails with `exc`, for saves `when(path)` picks."""
-    real_save = torch.save
+    """A torch-file writer (`torchfile.save`, what every .pt/.optim write goes through) that writes half of the
+    real bytes and then fails with `exc`, for saves `when(path)` picks."""
+    real_save = torchfile.save
 
     def save(obj, f, *a, **kw):
         if not when(Path(f)):
@@ -173,7 +173,7 @@ def _dies_halfway(exc: BaseException, when):
 def test_a_hard_kill_inside_a_write_keeps_the_previous_file(studio, paths, images, emb_path, monkeypatch):
     """Ctrl-C twice (KeyboardInterrupt) in the middle of writing the final file: the old file stays whole."""
     before = emb_path.read_bytes()
-    monkeypatch.setattr(torch, "save", _dies_halfway(KeyboardInterrupt(), lambda p: p.name.startswith(f".{NAME}.pt.")))
+    monkeypatch.setattr(torchfile, "save", _dies_halfway(KeyboardInterrupt(), lambda p: p.name.startswith(f".{NAME}.pt.")))
     with pytest.raises(KeyboardInterrupt):
         train_events(studio, paths, config(images, max_steps=2))
     assert emb_path.read_bytes() == before and formats.read(emb_path).step == 0
@@ -186,7 +186,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_loses_nothing(studio, path
     before = emb_path.read_bytes()
     target = f".{NAME}-2.pt." if which == "periodic copy" else f".{NAME}.pt."
     full = OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", _dies_halfway(full, lambda p: p.name.startswith(target)))
+    monkeypatch.setattr(torchfile, "save", _dies_halfway(full, lambda p: p.name.startswith(target)))
     runner = TrainingRunner(studio, EmbeddingLibrary(paths.embeddings_dir), paths)
     job = runner.start(config(images, max_steps=3, save_every=2))
     assert job.wait(120)

@@ -14,7 +14,7 @@ from PIL import Image
 import app
 from browser_app import free_port
 from conftest import write_images
-from tinv_ui.config import CreateConfig, GenerateConfig
+from tinv_ui.config import GenerateConfig
 from tinv_ui.errors import BusyError, ConfigError, InvalidNameError
 from tinv_ui.ui.errors import user_errors
 from tinv_ui.ui.forms import Form

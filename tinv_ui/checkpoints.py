@@ -263,7 +263,6 @@ def _with_text_model_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
 
 # -- building the pipeline -----------------------------------------------------------------------------------
 def _assemble(state: dict[str, Any], folder: Path, info: CheckpointInfo, cache_dir: Path, name: str):
-    import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel

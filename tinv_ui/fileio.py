@@ -88,16 +88,18 @@ def is_disk_full(error: BaseException, path: str | os.PathLike) -> bool:
 
 
 @contextlib.contextmanager
-def disk_full_is_said(path: str | os.PathLike, advice: str) -> Iterator[None]:
-    """Turn a full disk while writing `path` into a `DiskFullError`: "the disk is full while writing PATH; ADVICE"."""
+def disk_full_is_said(path: str | os.PathLike, advice: str, error: type[Exception] | None = None) -> Iterator[None]:
+    """Turn a full disk while writing `path` into `error` (default `DiskFullError`): "the disk is full while
+    writing PATH; ADVICE". An error of that type raised inside passes through unchanged."""
     from .errors import DiskFullError
 
+    error = error or DiskFullError
     try:
         yield
     except (OSError, RuntimeError) as e:
-        if isinstance(e, DiskFullError) or not is_disk_full(e, path):
+        if isinstance(e, error) or not is_disk_full(e, path):
             raise
-        raise DiskFullError(f"the disk is full while writing {path}; {advice}") from e
+        raise error(f"the disk is full while writing {path}; {advice}") from e
 
 
 def folder_problem(folder: str | os.PathLike) -> str | None:

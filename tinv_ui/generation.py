@@ -143,8 +143,9 @@ def _conditioning(studio: Studio, cfg: GenerateConfig, vectors: Mapping[str, tor
     return cond[:n].to(unet_dtype), cond[n:].to(unet_dtype), used
 
 
-def _sampling_pipeline(studio: Studio, sampler: str, compiled: bool = False):
-    """A throw-away pipeline over the studio's modules with a fresh scheduler and no text encoder.
+def sampling_pipeline(studio: Studio, sampler: str, compiled: bool = False):
+    """A pipeline over the studio's modules with a fresh scheduler and no text encoder (`render` builds one per
+    batch unless given one: the trainer builds one per run for its previews).
 
     `compiled` puts the studio's `torch.compile`d UNet in it (`Studio.compiled_unet`).
 
@@ -155,11 +156,14 @@ def _sampling_pipeline(studio: Studio, sampler: str, compiled: bool = False):
     from diffusers import StableDiffusionPipeline
 
     base = studio.pipeline
+    unet = studio.compiled_unet() if compiled else base.unet
+    if studio.is_sdxl:
+        return sdxl.sampling_pipeline(base, make_scheduler(sampler, base.scheduler.config), unet)
     pipe = StableDiffusionPipeline(
         vae=base.vae,
         text_encoder=None,
         tokenizer=None,
-        unet=studio.compiled_unet() if compiled else base.unet,
+        unet=unet,
         scheduler=make_scheduler(sampler, base.scheduler.config),
         safety_checker=None,
         feature_extractor=None,
@@ -176,34 +180,35 @@ def render(
     vectors: Mapping[str, torch.Tensor],
     hashes: Mapping[str, str] | None = None,
     on_step: OnStep | None = None,
+    pipe: Any = None,
 ) -> list[Rendered]:
     """Draw one batch of `cfg.batch_size` images with seeds `cfg.seed + i` (-1: random). The caller holds the lock.
 
     `vectors` maps embedding names to `[n, d]` tensors (they may be trainable parameters: no gradient is
-    recorded here). `on_step(step, total)` is called after each denoising step.
+    recorded here). `on_step(step, total)` is called after each denoising step. `pipe` is a `sampling_pipeline`
+    to draw with (its sampler and UNet are used, not `cfg.sampler`/`cfg.compile`); None builds a fresh one.
     """
     seed = resolve_seed(cfg.seed)
     seeds = [seed + i for i in range(cfg.batch_size)]
     device = studio.device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     with torch.no_grad():
+        if pipe is None:
+            pipe = sampling_pipeline(studio, cfg.sampler, compiled=compiles(cfg, device))
         if studio.is_sdxl:  # `vectors` holds {"clip_l", "clip_g"} pairs; SDXL ignores clip skip, as A1111 does
-            scheduler = make_scheduler(cfg.sampler, studio.pipeline.scheduler.config)
-            unet = studio.compiled_unet() if compiles(cfg, device) else None
-            images, used = sdxl.sample(studio, cfg, vectors, generators, scheduler, _step_callback(on_step), unet)
+            images, used = sdxl.sample(studio, cfg, vectors, generators, pipe, _step_callback(on_step))
             cfg = replace(cfg, clip_skip=1)
         else:
-            images, used = _sample(studio, cfg, vectors, generators, on_step)
+            images, used = _sample(studio, cfg, vectors, generators, pipe, on_step)
     info = studio.info
     ti = ti_hashes(used, hashes or {})
     name, model_hash = (info.name, info.hash) if info else (None, None)
     return [Rendered(img, infotext(cfg, s, name, model_hash, ti, pos), s) for pos, (img, s) in enumerate(zip(images, seeds))]
 
 
-def _sample(studio, cfg: GenerateConfig, vectors, generators, on_step: OnStep | None) -> tuple[list, list[str]]:
-    """SD 1.x/2.x txt2img: PIL images and the embedding names used."""
+def _sample(studio, cfg: GenerateConfig, vectors, generators, pipe, on_step: OnStep | None) -> tuple[list, list[str]]:
+    """SD 1.x/2.x txt2img with `pipe` (a `sampling_pipeline`): PIL images and the embedding names used."""
     cond, uncond, used = _conditioning(studio, cfg, vectors)
-    pipe = _sampling_pipeline(studio, cfg.sampler, compiled=compiles(cfg, studio.device))
     images = pipe(
         prompt_embeds=cond,
         negative_prompt_embeds=uncond,

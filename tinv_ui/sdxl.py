@@ -112,11 +112,12 @@ class SDXLPromptEncoder:
     `pairs` maps embedding names to `{"clip_l": [n, 768], "clip_g": [n, 1280]}`.
     """
 
-    def __init__(self, pipe, pairs: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    def __init__(self, pipe, pairs: Mapping[str, Mapping[str, torch.Tensor]], text_encoders=None) -> None:
+        """`text_encoders`: the two encoders to use instead of the pipeline's (the trainer's half copies)."""
+        first, second = text_encoders or (pipe.text_encoder, pipe.text_encoder_2)
         self.encoders = [
             _PenultimateEncoder(tokenizer, encoder, {name: pair[part] for name, pair in pairs.items()})
-            for tokenizer, encoder, part in ((pipe.tokenizer, pipe.text_encoder, "clip_l"),
-                                             (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g"))
+            for tokenizer, encoder, part in ((pipe.tokenizer, first, "clip_l"), (pipe.tokenizer_2, second, "clip_g"))
         ]
 
     def encode(self, prompts: list[str], max_chunks: int | None = None,
@@ -148,11 +149,12 @@ class TrainingEncoder:
     (`vectors` maps names to pairs, the trained one as it stands now)."""
 
     def __init__(self, pipe, others: Mapping[str, Mapping[str, torch.Tensor]], name: str,
-                 vectors: torch.Tensor) -> None:
+                 vectors: torch.Tensor, text_encoders=None) -> None:
         self.name, self.trained = name, vectors
         self.clip_l_width = token_widths(pipe)[0]
         self.others = dict(others)
-        self.inner = SDXLPromptEncoder(pipe, {**self.others, name: split_pair(vectors.detach(), self.clip_l_width)})
+        self.inner = SDXLPromptEncoder(pipe, {**self.others, name: split_pair(vectors.detach(), self.clip_l_width)},
+                                       text_encoders)
         self.tokenize = self.inner.encoders[0].tokenize
 
     @property
@@ -185,20 +187,24 @@ def time_ids(width: int, height: int, crop_top: int = 0, crop_left: int = 0) -> 
 
 
 # -- sampling and decoding -------------------------------------------------------------------------------------
-def sample(studio, cfg, pairs: Mapping[str, Mapping[str, torch.Tensor]], generators: list, scheduler,
-           callback: Callable | None, unet=None) -> tuple[list, list[str]]:
-    """txt2img on the studio's SDXL model: PIL images and the embedding names used. The caller holds the lock
-    and is in `torch.no_grad()`."""
+def sampling_pipeline(base, scheduler, unet):
+    """A `StableDiffusionXLPipeline` over `base`'s VAE with `unet` and `scheduler`, without text encoders: our
+    conditioning is used as given, in the UNet dtype. Latents come out undecoded (`decode` decodes them)."""
     from diffusers import StableDiffusionXLPipeline
 
-    base = studio.pipeline
-    unet = unet or base.unet
-    cond, uncond, pooled, neg_pooled, used = conditioning(base, cfg.prompt, cfg.negative_prompt, cfg.batch_size,
-                                                          pairs, base.unet.dtype)
-    # A throw-away pipeline without text encoders: our conditioning is used as given, in the UNet dtype.
     pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                      tokenizer_2=None, unet=unet, scheduler=scheduler, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(studio, cfg, pairs: Mapping[str, Mapping[str, torch.Tensor]], generators: list, pipe,
+           callback: Callable | None) -> tuple[list, list[str]]:
+    """txt2img on the studio's SDXL model with `pipe` (`sampling_pipeline`): PIL images and the embedding names
+    used. The caller holds the lock and is in `torch.no_grad()`."""
+    base = studio.pipeline
+    cond, uncond, pooled, neg_pooled, used = conditioning(base, cfg.prompt, cfg.negative_prompt, cfg.batch_size,
+                                                          pairs, base.unet.dtype)
     latents = pipe(
         prompt_embeds=cond, negative_prompt_embeds=uncond, pooled_prompt_embeds=pooled,
         negative_pooled_prompt_embeds=neg_pooled, num_inference_steps=cfg.steps, guidance_scale=cfg.cfg_scale,

@@ -10,7 +10,6 @@ import datetime as _dt
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, replace
 from enum import Enum
 from pathlib import Path
@@ -23,7 +22,7 @@ from .config import GenerateConfig, TrainConfig
 from .embedding import Embedding
 from .errors import TrainingError
 from .events import Preview
-from .fileio import atomic_write_text, is_disk_full
+from .fileio import atomic_write_text, disk_full_is_said
 
 if TYPE_CHECKING:
     from .train_setup import Plan, Run
@@ -35,19 +34,10 @@ CSV_HEADER = "step,epoch,epoch_step,loss,learn_rate\n"
 RESUME_KEY = "tinv_ui_resume"  # the `.optim` key of the data/noise RNG states and the data-order position
 
 
-@contextlib.contextmanager
-def disk_full_is_a_training_error(path: Path) -> Iterator[None]:
-    """Turn a full disk while writing `path` into the documented `TrainingError`.
-
-    torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected pos …"), not as
-    ENOSPC, so a RuntimeError on a folder with (almost) no free space counts as a full disk too.
-    """
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, TrainingError) or not is_disk_full(e, path):
-            raise
-        raise TrainingError(f"the disk is full while writing {path}; free some space and resume.") from e
+def disk_full_is_a_training_error(path: Path) -> contextlib.AbstractContextManager[None]:
+    """Turn a full disk while writing `path` into the documented `TrainingError` (see `fileio.is_disk_full`:
+    torch's zip writer reports a full disk as a RuntimeError "unexpected pos …", which counts too)."""
+    return disk_full_is_said(path, "free some space and resume.", TrainingError)
 
 
 class LossLog:
@@ -148,7 +138,11 @@ def render_preview(run: Run, step: int, prompt: str) -> Preview:
     gen_cfg = _preview_config(run.cfg, prompt)
     vectors = run.named_vectors()
     with run.studio.session(what=f"training {run.name}: preview at step {step}"):
-        rendered = generation.render(run.studio, gen_cfg, vectors, run.plan.hashes)
+        if run.preview_pipeline is None:  # once per run: its sampler and UNet do not change during the run
+            # a compiled run draws with the studio's compiled UNet (Generate's; the trainer's own wrapper is
+            # compiled for training shapes with CUDA graphs)
+            run.preview_pipeline = generation.sampling_pipeline(run.studio, gen_cfg.sampler, compiled=run.compiled)
+        rendered = generation.render(run.studio, gen_cfg, vectors, run.plan.hashes, pipe=run.preview_pipeline)
         if run.vae_hook is not None:
             run.vae_hook.offload()
     path = run.plan.out_dir / "images" / f"{run.name}-{step}.png"

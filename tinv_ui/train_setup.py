@@ -31,7 +31,7 @@ from .studio import Studio
 from .templates import PromptBuilder, Template, load_template
 from .tokens import PromptEncoder, PromptTokenizer
 from .train_outputs import RESUME_KEY, LossLog
-from .train_speed import amp_dtype, memory_format, vae_offload_wanted
+from .train_speed import amp_dtype, half_text_encoder, half_text_encoder_wanted, memory_format, vae_offload_wanted
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,7 @@ class Run:
     last_finite_vectors: torch.Tensor  # what the NaN guard puts back (a buffer copied into, not a new clone)
     accelerator: Any = None
     vae_hook: Any = None
+    preview_pipeline: Any = None  # the previews' sampling pipeline: built at the first preview, then reused
     chunks: int = 1  # conditioning padded to this many 77-token chunks: the longest prompt's when compiled
     step: int = 0  # optimizer steps completed, counting the runs before this one (the embedding's `step`)
     notes: tuple[str, ...] = ()
@@ -370,6 +371,11 @@ class Run:
     @property
     def name(self) -> str:
         return self.plan.name
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the run trains a `torch.compile`d UNet (`train_speed.tuned_unet`)."""
+        return self.unet is not self.base_unet
 
     @property
     def is_main(self) -> bool:
@@ -426,10 +432,13 @@ def prepare(studio: Studio, plan: Plan, unet, optimizer_for, accelerator) -> Run
                   f"{sampler.batch_size}.",)
     main = accelerator is None or accelerator.is_main_process
     plan.out_dir.mkdir(parents=True, exist_ok=True)
+    # CUDA autocast: a half copy of each frozen encoder's linear weights, cast once here, not on every forward
+    half = half_text_encoder_wanted(device, amp)
+    text_encoders = [half_text_encoder(te, amp) if half else te for te in sdxl.text_encoders(studio.pipeline)]
     if studio.is_sdxl:
-        encoder = sdxl.TrainingEncoder(studio.pipeline, others, plan.name, vectors)
+        encoder = sdxl.TrainingEncoder(studio.pipeline, others, plan.name, vectors, text_encoders)
     else:
-        encoder = PromptEncoder(studio.tokenizer, studio.text_encoder, {**others, plan.name: vectors})
+        encoder = PromptEncoder(studio.tokenizer, text_encoders[0], {**others, plan.name: vectors})
     return Run(
         studio=studio, plan=plan, vectors=vectors, optimizer=optimizer_for(plan, vectors),
         scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),  # fp16 only; bf16 needs none

@@ -8,12 +8,14 @@ the lock, so a Generate request served between two steps sees a usable model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from .config import TrainConfig
 from .errors import TrainingError
@@ -38,6 +40,34 @@ def amp_dtype(studio: Studio) -> torch.dtype | None:
     """The autocast dtype: the studio's half dtype on CUDA, None (fp32, no autocast) elsewhere."""
     half = (torch.float16, torch.bfloat16)
     return studio.dtype if studio.device.type == "cuda" and studio.dtype in half else None
+
+
+def half_text_encoder_wanted(device: torch.device, amp: torch.dtype | None) -> bool:
+    """Whether the run encodes prompts with a half-precision copy of the text encoder (`half_text_encoder`):
+    on CUDA under autocast only. The CPU runs in fp32 without autocast and keeps the studio's encoder."""
+    return device.type == "cuda" and amp in (torch.float16, torch.bfloat16)
+
+
+def half_text_encoder(text_encoder: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of the frozen text encoder whose `nn.Linear` weights and biases are cast to `dtype` once.
+
+    Under autocast every linear layer casts its fp32 weight to the half dtype on every call: frozen weights
+    are not in autocast's cast cache (it keeps only leaves that require grad), so a run recast the whole
+    encoder on every micro-batch. Only the Linear layers are cast, the tensors autocast casts anyway, so the
+    copy computes what the fp32 encoder computes under autocast; embeddings and layer norms stay fp32, and
+    are shared with the studio's encoder, not copied. The studio's encoder is untouched (Generate requests
+    served between two steps keep it in fp32). The trained vectors are fp32 and spliced into the token
+    lookup's fp32 output, so their gradients and AdamW's update stay fp32.
+    """
+    linears = [m for m in text_encoder.modules() if isinstance(m, nn.Linear)]
+    cast = {id(p) for m in linears for p in m.parameters(recurse=False)}
+    # deepcopy's memo: every other tensor is shared as is; each Linear tensor maps to its half copy
+    memo: dict[int, Any] = {id(t): t for t in (*text_encoder.parameters(), *text_encoder.buffers())
+                            if id(t) not in cast}
+    for m in linears:
+        for p in m.parameters(recurse=False):
+            memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    return copy.deepcopy(text_encoder, memo)
 
 
 def memory_format(device: torch.device) -> torch.memory_format:

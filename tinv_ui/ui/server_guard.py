@@ -24,8 +24,6 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..confine import is_loopback
-
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
