@@ -65,28 +65,45 @@ def test_the_lock_names_its_holder_and_times_out(own_studio):
 
 
 def test_a_hub_id_is_fetched_through_diffusers_and_labelled_with_the_id(own_studio, paths, monkeypatch):
-    # No network in tests: diffusers' from_pretrained is replaced, and must be asked for the id as given,
-    # without local_files_only (a hub id is the one source that may download).
-    from diffusers import StableDiffusionPipeline
+    # No network in tests: huggingface_hub's download and diffusers' from_pretrained are replaced. The id is
+    # asked for as given, without local_files_only (a hub id is the one source that may download), and the
+    # repo's model_index.json picks the pipeline: SD or SDXL.
+    import huggingface_hub
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from tinv_ui.tiny_model import tiny_model_dir
+    from tinv_ui.tiny_model import tiny_model_dir, tiny_sdxl_model_dir
 
-    calls, real = [], StableDiffusionPipeline.from_pretrained.__func__
+    folders = {"someone/sd-model": tiny_model_dir(paths.cache_dir), "someone/sdxl-model": tiny_sdxl_model_dir(paths.cache_dir)}
 
-    def fake(cls, source, **kw):
-        calls.append((source, kw))
-        if source == "someone/offline-model":
+    def fake_download(repo_id, filename, **kw):
+        if repo_id not in folders:
             raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
-        return real(cls, tiny_model_dir(paths.cache_dir), local_files_only=True, safety_checker=None)
+        return str(folders[repo_id] / filename)
 
-    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(fake))
+    calls = []
+
+    def fake_for(pipeline_class):
+        real = pipeline_class.from_pretrained.__func__
+
+        def fake(cls, source, **kw):
+            calls.append((cls.__name__, source, kw))
+            return real(cls, folders[source], local_files_only=True, safety_checker=None)
+
+        return classmethod(fake)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", fake_for(cls))
     info = own_studio.load(ModelSpec("someone/sd-model"))
-    assert calls == [("someone/sd-model", {"safety_checker": None, "requires_safety_checker": False})]
+    assert calls == [("StableDiffusionPipeline", "someone/sd-model", {"safety_checker": None, "requires_safety_checker": False})]
     assert (info.label, info.name, info.hash, info.is_tiny) == ("someone/sd-model", "sd-model", None, False)
     assert own_studio.info is info and own_studio.loaded
     with pytest.raises(ModelLoadError, match="Could not load model 'someone/offline-model': We couldn't connect"):
         own_studio.load(ModelSpec("someone/offline-model"))
     assert own_studio.info is info  # the failed fetch kept the loaded model
+    info = own_studio.load(ModelSpec("someone/sdxl-model"))
+    assert calls[-1][:2] == ("StableDiffusionXLPipeline", "someone/sdxl-model")
+    assert isinstance(own_studio.pipeline, StableDiffusionXLPipeline) and own_studio.is_sdxl
 
 
 @pytest.mark.parametrize(

@@ -65,18 +65,22 @@ def vae_dtype(pipe, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def pipeline_class(folder: Path):
-    """The diffusers pipeline class for a diffusers folder, from its `model_index.json`."""
+def pipeline_class(folder: Path, label: str | None = None):
+    """The diffusers pipeline class for a diffusers folder, from its `model_index.json`.
+
+    `label` names the model in messages (a hub id, whose files sit in a cache folder named by commit).
+    """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    label = label or Path(folder).name
     try:
         name = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
     except (OSError, ValueError, AttributeError) as e:
-        raise ModelLoadError(f"{Path(folder).name}/model_index.json is not readable JSON ({e}).") from e
+        raise ModelLoadError(f"{label}/model_index.json is not readable JSON ({e}).") from e
     if name == "StableDiffusionXLPipeline":
         return StableDiffusionXLPipeline
     if str(name).startswith("StableDiffusionXL"):
-        raise ModelLoadError(f"{Path(folder).name} is a {name} (an SDXL refiner, inpainting or image-to-image "
+        raise ModelLoadError(f"{label} is a {name} (an SDXL refiner, inpainting or image-to-image "
                              "model); load an SDXL text-to-image base model.")
     return StableDiffusionPipeline
 

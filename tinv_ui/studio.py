@@ -189,7 +189,7 @@ class Studio:
             return pipe, _model_info(pipe, path.name, path.name, None)
         if path.is_absolute() or source.count("/") != 1:
             raise ModelLoadError(f"model {source!r} was not found: give a diffusers folder, a file in models/, or a hub id.")
-        pipe = _from_pretrained(StableDiffusionPipeline, source)
+        pipe = _from_pretrained(_hub_pipeline_class(source), source)
         return pipe, _model_info(pipe, source, source.split("/")[-1], None)
 
     def _release(self) -> None:
@@ -301,6 +301,17 @@ def xformers_usable(device) -> bool:
     import importlib.util
 
     return getattr(device, "type", None) == "cuda" and importlib.util.find_spec("xformers") is not None
+
+
+def _hub_pipeline_class(repo_id: str):
+    """SD or SDXL pipeline for a hub id, from its `model_index.json` (fetched first: the only file read to decide)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        index = Path(hf_hub_download(repo_id, "model_index.json"))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, HTTP errors: all mean "cannot load"
+        raise ModelLoadError(f"Could not load model {repo_id!r}: {one_line(e)}") from e
+    return sdxl.pipeline_class(index.parent, label=repo_id)
 
 
 def _from_pretrained(cls, source: str, **kw):
