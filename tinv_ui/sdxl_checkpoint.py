@@ -84,22 +84,29 @@ def detect(shapes: Mapping[str, tuple[int, ...]], name: str, unet_in: str, unet:
 
 
 def assemble(state: dict[str, Any], folder: Path, info, cache_dir: Path, name: str):
-    """Build the `StableDiffusionXLPipeline` (fp32, CPU) from an SDXL-layout state dict and a config folder."""
-    import torch
+    """Build the `StableDiffusionXLPipeline` (on the CPU, in the file's dtype) from an SDXL-layout state dict and
+    a config folder."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .checkpoints import SUPPORTED
+    from .checkpoints import SUPPORTED, UNET, VAE, quiet_diffusers
     from .checkpoints import _check_complete as check_complete
+    from .checkpoints import _stored_dtype as stored_dtype
 
-    kw = dict(config=str(folder), local_files_only=True, torch_dtype=torch.float32)
+    # Each part is built in the dtype its tensors are stored in (an fp16 file stays fp16 until Studio.load
+    # has moved it to its device), so no fp32 copy of an fp16 file is made in RAM.
+    kw = dict(config=str(folder), local_files_only=True)
     try:
-        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_single_file(state, subfolder="vae", **kw)
-        text_encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder", **kw)
-        text_encoder_2 = create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, state,
-                                                              subfolder="text_encoder_2", **kw)
+        with quiet_diffusers():
+            unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", dtype=stored_dtype(state, UNET),
+                                                         **kw)
+            vae = AutoencoderKL.from_single_file(state, subfolder="vae", dtype=stored_dtype(state, VAE), **kw)
+            text_encoder = create_diffusers_clip_model_from_ldm(
+                CLIPTextModel, state, subfolder="text_encoder", torch_dtype=stored_dtype(state, CLIP_L), **kw)
+            text_encoder_2 = create_diffusers_clip_model_from_ldm(
+                CLIPTextModelWithProjection, state, subfolder="text_encoder_2", torch_dtype=stored_dtype(state, CLIP_G),
+                **kw)
     except (ValueError, KeyError, IndexError, RuntimeError) as e:  # a shape or key that does not fit the configs
         raise ModelLoadError(f"{name}: its weights do not fit the {info.label} model shape ({e}). {SUPPORTED}") from e
     for part, model in (("UNet", unet), ("VAE", vae), ("CLIP ViT-L text encoder", text_encoder),
