@@ -394,18 +394,23 @@ def fresh_pipe(cache_dir):
     return StableDiffusionPipeline.from_pretrained(tiny_model_dir(cache_dir), local_files_only=True, safety_checker=None)
 
 
+def _assert_loaded_rows(pipe, token: str, vectors: torch.Tensor) -> None:
+    """The rows diffusers' `load_textual_inversion` just added for `token` (and `token_1`) equal `vectors`."""
+    try:
+        rows = pipe.text_encoder.get_input_embeddings().weight
+        ids = pipe.tokenizer.convert_tokens_to_ids([token, f"{token}_1"])
+        assert torch.equal(rows[ids].detach(), vectors)
+    finally:
+        pipe.unload_textual_inversion()
+
+
 @pytest.mark.parametrize(("file", "layout"), [("d.bin", None), ("d.safetensors", "diffusers"), ("a.pt", None), ("k.safetensors", None)])
 def test_diffusers_load_textual_inversion_reads_our_files(tmp_path, fresh_pipe, file, layout):
     emb = _emb(n=2)
     path = formats.write(emb, tmp_path / file, layout)
     token = f"<t-{Path(file).stem}-{layout}>"
     fresh_pipe.load_textual_inversion(str(path), token=token)
-    try:
-        rows = fresh_pipe.text_encoder.get_input_embeddings().weight
-        ids = fresh_pipe.tokenizer.convert_tokens_to_ids([token, f"{token}_1"])
-        assert torch.equal(rows[ids].detach(), emb.vectors)
-    finally:
-        fresh_pipe.unload_textual_inversion()
+    _assert_loaded_rows(fresh_pipe, token, emb.vectors)
 
 
 # -- every peer reads what we write (issue 12); the README table is formats.WHERE_FILES_LOAD -------------------
@@ -556,12 +561,7 @@ def test_diffusers_load_textual_inversion_reads_what_the_table_says(tmp_path, fr
     needs_token = ROWS[file][5] == "with `token=`"
     token = "<given>" if needs_token else "tok-from-file"
     fresh_pipe.load_textual_inversion(str(path), **({"token": token} if needs_token else {}))
-    try:
-        rows = fresh_pipe.text_encoder.get_input_embeddings().weight
-        ids = fresh_pipe.tokenizer.convert_tokens_to_ids([token, f"{token}_1"])
-        assert torch.equal(rows[ids].detach(), emb.vectors)
-    finally:
-        fresh_pipe.unload_textual_inversion()
+    _assert_loaded_rows(fresh_pipe, token, emb.vectors)
 
 
 def test_the_readme_table_is_the_code_table():

@@ -4,34 +4,16 @@ size with its TI hash, Train trains the pair and shows its previews."""
 from __future__ import annotations
 
 import pytest
-from browser_app import free_port
-from gradio_client import Client
 from safetensors import safe_open
-from test_ui import generate_kwargs
+from test_ui import generate_kwargs, serving
 
 from tinv_ui.tiny_model import TINY_SDXL_RESOLUTION
 
 
 @pytest.fixture
 def served_sdxl(sdxl_studio, paths, tmp_path, monkeypatch):
-    from tinv_ui.jobs import TrainingRunner
-    from tinv_ui.library import EmbeddingLibrary
-    from tinv_ui.ui import build_ui, launch
-
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    library = EmbeddingLibrary(paths.embeddings_dir)
-    runner = TrainingRunner(sdxl_studio, library, paths)
-    demo = build_ui(sdxl_studio, library, runner, paths, allow_dirs=[tmp_path])  # the tests' datasets live there
-    _, url, _ = launch(demo, paths, port=free_port(), prevent_thread_lock=True)
-    client = Client(url, verbose=False)
-    try:
+    with serving(sdxl_studio, paths, tmp_path, monkeypatch) as (client, library, runner):
         yield client, library, paths, runner
-    finally:
-        if runner.current is not None:
-            runner.current.stop()
-            runner.current.wait(30)
-        client.close()
-        demo.close()
 
 
 def _defaults(client, endpoint):

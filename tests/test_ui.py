@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -248,9 +249,10 @@ def test_default_model_prefers_models_folder(tmp_path):
 
 
 # -- in-process server + gradio_client ---------------------------------------------------------------------
-@pytest.fixture
-def served(studio, paths, tmp_path, monkeypatch):
-    """The app on a free loopback port, with a client; closed (and any training stopped) afterwards."""
+@contextlib.contextmanager
+def serving(studio, paths, tmp_path, monkeypatch):
+    """The app for `studio` on a free loopback port, with a client: (client, library, runner); closed (and any
+    training stopped) afterwards."""
     from tinv_ui.jobs import TrainingRunner
     from tinv_ui.library import EmbeddingLibrary
     from tinv_ui.ui import build_ui, launch
@@ -262,13 +264,20 @@ def served(studio, paths, tmp_path, monkeypatch):
     _, url, _ = launch(demo, paths, port=free_port(), prevent_thread_lock=True)
     client = Client(url, verbose=False)
     try:
-        yield client, runner, paths
+        yield client, library, runner
     finally:
         if runner.current is not None:
             runner.current.stop()
             runner.current.wait(30)
         client.close()
         demo.close()
+
+
+@pytest.fixture
+def served(studio, paths, tmp_path, monkeypatch):
+    """The app on the tiny model: (client, runner, paths)."""
+    with serving(studio, paths, tmp_path, monkeypatch) as (client, _library, runner):
+        yield client, runner, paths
 
 
 def create_kwargs(name: str, **kw) -> dict:
