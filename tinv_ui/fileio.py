@@ -72,17 +72,22 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 DISK_NEARLY_FULL_BYTES = 1 << 20
 
 
+def existing_parent(path: str | os.PathLike) -> Path:
+    """`path` itself when it exists, else its nearest existing ancestor (where a folder would be created)."""
+    path = Path(path)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def is_disk_full(error: BaseException, path: str | os.PathLike) -> bool:
     """True when `error`, raised while writing `path`, means the disk is full."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     if not isinstance(error, (OSError, RuntimeError)):
         return False
-    folder = Path(path).parent
-    while not folder.exists() and folder.parent != folder:
-        folder = folder.parent
     try:
-        return shutil.disk_usage(folder).free < DISK_NEARLY_FULL_BYTES
+        return shutil.disk_usage(existing_parent(Path(path).parent)).free < DISK_NEARLY_FULL_BYTES
     except OSError:
         return False
 
@@ -107,10 +112,7 @@ def folder_problem(folder: str | os.PathLike) -> str | None:
 
     Checked without creating anything: the nearest existing part of the path must be a folder we may write.
     """
-    path = Path(folder).expanduser()
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = existing_parent(Path(folder).expanduser())
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -25,7 +25,7 @@ from .config import ClipGrad, Paths, TrainConfig
 from .dataset import BucketBatchSampler, Dataset, LatentCache, build_latent_cache, load_dataset
 from .embedding import Embedding
 from .errors import ConfigError, ShapeMismatchError, TinvError, TrainingError
-from .fileio import temp_target
+from .fileio import existing_parent, temp_target
 from .schedules import Schedule, parse_schedule
 from .studio import Studio
 from .templates import PromptBuilder, Template, load_template
@@ -220,12 +220,6 @@ def _holds_steps_after(out_dir: Path, name: str, step: int) -> bool:
     return False
 
 
-def _existing_parent(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
 def _check_disk(cfg: TrainConfig, emb: Embedding, out_dir: Path, final_path: Path) -> None:
     """Refuse to start when the outputs clearly will not fit (copies, previews, loss log, final file)."""
     steps = cfg.max_steps - (emb.step or 0)
@@ -234,7 +228,7 @@ def _check_disk(cfg: TrainConfig, emb: Embedding, out_dir: Path, final_path: Pat
     copies = steps // cfg.save_every if cfg.save_every else 0
     previews = steps // cfg.preview_every if cfg.preview_every else 0
     need = copies * per_copy + previews * (cfg.width * cfg.height * 3 + 4096) + steps * 64 + 2 * per_copy
-    for folder in {_existing_parent(out_dir), _existing_parent(final_path.parent)}:
+    for folder in {existing_parent(out_dir), existing_parent(final_path.parent)}:
         free = shutil.disk_usage(folder).free
         if free < need + 16 * 2**20:
             raise TrainingError(
