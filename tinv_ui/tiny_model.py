@@ -125,13 +125,18 @@ def tiny_model_dir(cache_dir: Path) -> Path:
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir))
+    return _save_built(pipe, folder, TINY_LABEL)
+
+
+def _save_built(pipe, folder: Path, label: str) -> Path:
+    """Save a freshly built tiny model as `folder`, atomically: a half-built model is never seen under its name."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     pipe.save_pretrained(tmp)
     try:
-        os.replace(tmp, folder)  # atomic: a half-built model is never seen under the final name
+        os.replace(tmp, folder)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built the %s in %s", TINY_LABEL, folder)
+    log.info("built the %s in %s", label, folder)
     return folder
 
 
@@ -207,11 +212,4 @@ def tiny_sdxl_model_dir(cache_dir: Path) -> Path:
     tokenizer, tokenizer_2 = sdxl_tokenizers(cache_dir)
     pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, force_zeros_for_empty_prompt=True,
                                      add_watermarker=False, **build_tiny_sdxl_parts())
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=cache_dir))
-    pipe.save_pretrained(tmp)
-    try:
-        os.replace(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built the %s in %s", TINY_SDXL_LABEL, folder)
-    return folder
+    return _save_built(pipe, folder, TINY_SDXL_LABEL)
