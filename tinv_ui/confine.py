@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import Paths
 from .errors import ConfigError
+from .fileio import display_path
 from .templates import SHIPPED_DIR
 
 ALLOW_FLAG = "--allow-dir"
@@ -52,7 +53,7 @@ class Confinement:
         if not self.contains(raw):
             raise ConfigError(
                 f"{setting} {raw!r} is outside the folders this app may use from the web "
-                f"({', '.join(_shown(r) for r in self.roots)}). Put the files in one of them, or restart the app "
+                f"({', '.join(display_path(r) for r in self.roots)}). Put the files in one of them, or restart the app "
                 f"with {ALLOW_FLAG} FOLDER to allow another folder."
             )
         return Path(raw).expanduser().resolve()
@@ -62,13 +63,6 @@ def looks_like_path(value: str) -> bool:
     """True for values meant as a path (absolute, `./`, `../`, `~`, with a separator) rather than a name."""
     return (os.path.isabs(value) or value.startswith((".", "~")) or "/" in value or "\\" in value
             or os.sep in value)
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def is_loopback(bind: str) -> bool:

@@ -72,6 +72,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 DISK_NEARLY_FULL_BYTES = 1 << 20
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """`path` relative to the working directory when it lies inside it (shorter to read), else absolute."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def existing_parent(path: str | os.PathLike) -> Path:
     """`path` itself when it exists, else its nearest existing ancestor (where a folder would be created)."""
     path = Path(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import Paths
 from ..confine import Confinement
 from ..jobs import JobStatus, TrainingRunner
-from ..library import EmbeddingLibrary
+from ..library import EmbeddingLibrary, printable
 from ..studio import Studio
 
 
@@ -55,15 +55,6 @@ class UIContext:
         return job is not None and job.snapshot().status == JobStatus.RUNNING
 
 
-def display_path(path: str | Path) -> str:
-    """`path` relative to the working directory when it lies inside it (shorter to read), else absolute."""
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def progress_html(done: int, total: int, label: str, state: str = "running") -> str:
     """A small progress bar with a text label (`state` picks the colour: running, finished, failed, idle)."""
     pct = 0 if total <= 0 else max(0.0, min(100.0, 100.0 * done / total))
@@ -80,7 +71,7 @@ _MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|~$:])")
 def md_text(text: str) -> str:
     """`text` (a file or embedding name, a reason) as Markdown that renders it literally: HTML and Markdown
     characters are escaped, and bytes of a non-UTF-8 file name show as U+FFFD."""
-    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    text = printable(str(text))
     return html.escape(_MARKDOWN_PUNCTUATION.sub(r"\\\1", text), quote=False).replace("\n", " ")
 
 

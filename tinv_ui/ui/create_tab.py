@@ -8,7 +8,8 @@ import gradio as gr
 
 from ..config import CreateConfig
 from ..errors import BusyError
-from .context import UIContext, display_path
+from ..fileio import display_path
+from .context import UIContext
 from .errors import user_errors
 from .forms import Form
 

@@ -19,10 +19,10 @@ from .. import confine
 from ..config import SAMPLERS, TrainConfig, field_help
 from ..errors import ConfigError
 from ..events import format_duration
-from ..fileio import folder_problem
+from ..fileio import display_path, folder_problem
 from ..jobs import JobStatus
 from ..templates import find_template, list_templates
-from .context import UIContext, display_path, progress_html
+from .context import UIContext, progress_html
 from .errors import user_errors
 from .forms import Form
 from .uploads import import_uploads
