@@ -94,13 +94,14 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
             with gr.Row():
                 start = gr.Button("Start training", variant="primary")
                 interrupt = gr.Button("Interrupt", variant="stop")
-        with gr.Column(scale=5):
-            progress = gr.HTML(progress_html(0, 0, "No training run yet.", "idle"), elem_id="tinv-train-progress")
-            gallery = gr.Gallery(label="Previews", format="png", columns=4, fit_columns=False, height=260,
-                                 object_fit="contain", elem_id="tinv-train-previews")
-            plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
-            saved = gr.Textbox(label="Last saved file", interactive=False, buttons=["copy"], elem_id="tinv-train-saved")
-            message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
+        with gr.Column(scale=5), gr.Tabs(elem_id="tinv-train-views"):
+            with gr.Tab("Current run", id="current", elem_id="tinv-train-current"):
+                progress = gr.HTML(progress_html(0, 0, "No training run yet.", "idle"), elem_id="tinv-train-progress")
+                gallery = gr.Gallery(label="Previews", format="png", columns=4, fit_columns=False, height=260,
+                                     object_fit="contain", elem_id="tinv-train-previews")
+                plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
+                saved = gr.Textbox(label="Last saved file", interactive=False, buttons=["copy"], elem_id="tinv-train-saved")
+                message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
     tab = TrainTab(embedding, refresh, form, folder_upload, files_upload, upload_note, start, interrupt, progress,
                    gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS))
     _wire(ctx, tab)
