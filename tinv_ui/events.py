@@ -74,7 +74,22 @@ class Generated:
     paths: tuple[Path, ...] = field(default=())
 
 
-Event = Started | Step | Preview | Saved | Finished | Generated
+@dataclass(frozen=True)
+class Compared:
+    """A step comparison's grid: one labelled cell per rendered copy, saved with its infotext.
+
+    `interrupted` runs keep the cells rendered before the stop (`steps` lists those); with no cell, `grid` and
+    `path` are None."""
+
+    steps: tuple[int, ...]
+    seed: int
+    grid: Any | None
+    infotext: str
+    path: Path | None = None
+    interrupted: bool = False
+
+
+Event = Started | Step | Preview | Saved | Finished | Generated | Compared
 
 
 def format_duration(seconds: float | None) -> str:

@@ -99,10 +99,11 @@ def ti_hashes(used: list[str], hashes: Mapping[str, str]) -> str | None:
 
 
 def infotext(cfg: GenerateConfig, seed: int, model_name: str | None, model_hash: str | None, ti: str | None,
-             batch_pos: int = 0) -> str:
+             batch_pos: int = 0, extra: Mapping[str, Any] | None = None) -> str:
     """A1111's three-part infotext: prompt, optional 'Negative prompt:' line, then 'Key: value' pairs.
 
     `batch_pos` is the image's place in its batch; like A1111, 'Batch size'/'Batch pos' appear only for batches of 2+.
+    `extra` pairs go before 'Version' (as A1111's scripts add theirs to `extra_generation_params`).
     """
     batched = cfg.batch_size > 1
     params: dict[str, Any] = {
@@ -118,6 +119,7 @@ def infotext(cfg: GenerateConfig, seed: int, model_name: str | None, model_hash:
         "Batch pos": batch_pos if batched else None,
         "Clip skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
         "TI hashes": ti,
+        **(extra or {}),
         "Version": f"tinv-ui {__version__}",
     }
     line = ", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
