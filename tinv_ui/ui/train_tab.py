@@ -22,6 +22,7 @@ from ..events import format_duration
 from ..fileio import display_path, folder_problem
 from ..jobs import JobStatus
 from ..templates import find_template, list_templates
+from .compare_steps import build_compare_tab
 from .context import UIContext, progress_html
 from .errors import user_errors
 from .forms import Form
@@ -102,6 +103,7 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
                 plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
                 saved = gr.Textbox(label="Last saved file", interactive=False, buttons=["copy"], elem_id="tinv-train-saved")
                 message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
+            build_compare_tab(ctx)
     tab = TrainTab(embedding, refresh, form, folder_upload, files_upload, upload_note, start, interrupt, progress,
                    gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS))
     _wire(ctx, tab)
