@@ -3,7 +3,7 @@ under the lock one image at a time, saved as a labelled grid with infotext; refu
 
 from __future__ import annotations
 
-import errno
+import re
 import json
 import threading
 from dataclasses import replace
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tinv_ui import compare, formats, generation, runs
-from tinv_ui.config import GenerateConfig
+from tinv_ui.config import GenerateConfig, Paths
 from tinv_ui.embedding import Embedding
 from tinv_ui.errors import ConfigError, DiskFullError
 from tinv_ui.events import Compared, Generated, Step
@@ -175,16 +175,21 @@ def test_defaults_spread_the_steps_and_use_the_preview_prompt(paths):
     assert compare.default_prompt(replace(run, settings={"preview_prompt": "a cat"})) == "a photo of alpha"
 
 
-def test_a_full_disk_is_said_and_leaves_no_file(studio, paths, monkeypatch):
-    run = write_run(paths, "alpha", [2])
+def test_a_full_disk_is_said_and_leaves_no_file(studio, tmp_path, cache_dir):
+    """A real full disk (a small tmpfs, as tests/test_disk_full.py mounts it; skipped where it cannot be)."""
+    from test_disk_full import files_in, fill, mounted_tmpfs
 
-    def full(*args, **kw):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(generation, "save_png", full)
-    with pytest.raises(DiskFullError, match="the disk is full while writing .*free some space and render the comparison"):
-        run_all(studio, paths, run, [2])
-    assert list(paths.outputs_dir.rglob("*.png")) == []
+    with mounted_tmpfs(tmp_path / "small", "size=1m") as disk:
+        paths = Paths(disk / "embeddings", disk / "outputs", disk / "models", cache_dir)
+        paths.embeddings_dir.mkdir()
+        run = write_run(paths, "alpha", [2])
+        first = run_all(studio, paths, run, [2])[-1].path
+        before = first.read_bytes()
+        fill(disk)
+        with pytest.raises(DiskFullError, match="the disk is full while writing .*render the comparison again"):
+            run_all(studio, paths, run, [2])
+        assert first.read_bytes() == before
+        assert files_in(paths.outputs_dir / "compare") == {first.name}  # no temp file, no half grid
 
 
 def test_sdxl_copies_are_rendered_as_pairs(sdxl_studio, paths):
@@ -202,3 +207,26 @@ def test_sdxl_copies_are_rendered_as_pairs(sdxl_studio, paths):
     wrong = write_run(paths, "flat", [1], width=32)
     with pytest.raises(ConfigError, match="Load the model it was trained on"):
         run_all(sdxl_studio, paths, wrong, [1], replace(cfg, prompt="flat"))
+
+
+def test_the_api_takes_a_run_from_the_listing_only_and_answers_with_the_grid(studio, paths, tmp_path, monkeypatch):
+    from gradio_client.exceptions import AppError
+    from test_ui import serving
+
+    run = write_run(paths, "alpha", [2, 4])
+    request = {"run_key": "2026-12-03/alpha", "chosen": [2, 4], "prompt": "a photo of alpha", "negative_prompt": "",
+               "sampler": "Euler a", "steps": 2, "cfg_scale": 7, "seed": 5, "width": 64, "height": 64}
+    with serving(studio, paths, tmp_path, monkeypatch) as (client, _library, _runner):
+        progress, grid, saved, infotext = client.predict(**request, api_name="/compare_steps")
+        for bad, message in (({"run_key": str(run.folder)}, "is not among the training runs"),
+                             ({"run_key": "../../../etc"}, "is not among the training runs"),
+                             ({"chosen": [3]}, "3 not saved by run alpha"),
+                             ({"prompt": "a cat"}, "prompt does not use the embedding 'alpha'"),
+                             ({"steps": 0}, "Sampling steps: steps is 0")):
+            with pytest.raises(AppError, match=re.escape(message)) as info:
+                client.predict(**{**request, **bad}, api_name="/compare_steps")
+            assert "Traceback" not in str(info.value)
+    assert "Done: 2 steps, seed 5; grid saved." in progress
+    [path] = (paths.outputs_dir / "compare").glob("alpha-*.png")
+    assert saved.endswith(f"compare/{path.name}") and Image.open(grid).size == Image.open(path).size
+    assert Image.open(path).text["parameters"] == infotext and 'Embedding steps: "2, 4"' in infotext

@@ -145,16 +145,24 @@ def check_steps(run: RunRecord, steps: Sequence[Any]) -> list[int]:
         chosen = sorted({int(s) for s in steps})
     except (TypeError, ValueError):
         raise ConfigError("steps: pick steps from the list of the run's saved copies.") from None
-    missing = [s for s in chosen if s not in run.copies]
-    if missing:
-        raise ConfigError(f"steps: {', '.join(map(str, missing))} not saved by run {run.name} "
-                          f"(it has {', '.join(map(str, run.copies))}).")
     if not chosen:
         raise ConfigError("steps: none chosen; tick at least one saved step to compare.")
     if len(chosen) > MAX_CELLS:
         raise ConfigError(f"steps: {len(chosen)} chosen; one grid holds at most {MAX_CELLS}. Untick some "
                           "(every second or third step still shows the trend).")
+    missing = [s for s in chosen if s not in run.copies]
+    if missing:
+        raise ConfigError(f"steps: {', '.join(map(str, missing))} not saved by run {run.name} "
+                          f"(it has {_some(run.copies)}).")
     return chosen
+
+
+def _some(steps: Sequence[int], shown: int = 8) -> str:
+    """'500, 1000, …, 3000 (12 copies)' for a message: a run may hold hundreds of copies."""
+    steps = list(steps)
+    if len(steps) <= shown:
+        return ", ".join(map(str, steps))
+    return f"{', '.join(map(str, steps[:shown - 1]))}, …, {steps[-1]} ({len(steps)} copies)"
 
 
 def default_steps(available: Sequence[int], limit: int = MAX_CELLS) -> list[int]:

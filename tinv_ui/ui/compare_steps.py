@@ -59,10 +59,13 @@ def _build_view(ctx: UIContext) -> CompareView:
                 f"step. At most {compare.MAX_CELLS} steps per grid; saved to outputs/compare/ with its parameters.")
     form = Form(GenerateConfig, "compare")
     with gr.Row():
-        run = gr.Dropdown([], value=None, label="Training run", scale=6, elem_id="tinv-compare-run",
+        # Gradio's own choice checks would refuse API clients (their session never saw the listing) and name
+        # no field: `compare.find_run` and `compare.check_steps` check against the listing on disk instead.
+        run = gr.Dropdown([], value=None, label="Training run", scale=6, elem_id="tinv-compare-run", allow_custom_value=True,
                           info="Runs under outputs/train that saved copies (Save a copy every N steps), newest first.")
         refresh = gr.Button("Refresh", scale=0, min_width=100, elem_classes="tinv-side-button")
     steps = gr.CheckboxGroup([], value=[], label="Steps to compare", elem_id="tinv-compare-copies")
+    steps.preprocess = lambda payload: list(payload or [])
     form.add("prompt", "Prompt", lines=2, info="Must contain the embedding's name.")
     form.add("negative_prompt", "Negative prompt", info=None)
     with gr.Row():
@@ -103,7 +106,8 @@ def _wire(ctx: UIContext, view: CompareView) -> None:
         try:
             yield from _render_updates(ctx, view, run, chosen, cfg, stop)
         finally:
-            stops.pop(request.session_hash, None)
+            if stops.get(request.session_hash) is stop:  # a later request of this tab may have replaced it
+                del stops[request.session_hash]
 
     def stop(request: gr.Request) -> Any:
         event = stops.get(request.session_hash)
