@@ -4,6 +4,7 @@ under the lock one image at a time, saved as a labelled grid with infotext; refu
 from __future__ import annotations
 
 import re
+import datetime
 import json
 import threading
 from dataclasses import replace
@@ -166,13 +167,19 @@ def test_wrong_requests_are_refused_before_any_rendering(studio, paths):
     assert not (paths.outputs_dir / "compare").exists() and studio.busy_with == ""
 
 
-def test_defaults_spread_the_steps_and_use_the_preview_prompt(paths):
+def test_defaults_and_a_grid_file_name_that_stays_in_outputs_compare(paths):
     assert compare.default_steps([5, 10, 15]) == [5, 10, 15]
     picked = compare.default_steps(list(range(100, 3100, 100)), limit=4)
     assert picked == [100, 1100, 2000, 3000]
     run = write_run(paths, "alpha", [2])
     assert compare.default_prompt(run) == "a painting of alpha"
     assert compare.default_prompt(replace(run, settings={"preview_prompt": "a cat"})) == "a photo of alpha"
+    now = datetime.datetime(2026, 12, 3, 14, 5, 6)
+    assert compare.next_grid_path(paths, "alpha", now) == paths.outputs_dir / "compare" / "alpha-20261203-140506.png"
+    # A run's name comes from its settings JSON: whatever it holds, the grid goes to outputs/compare/.
+    for hostile in ("../../evil", "/etc/x", "..", "a\\b\x00c"):
+        path = compare.next_grid_path(paths, hostile, now)
+        assert path.parent == paths.outputs_dir / "compare" and not path.name.startswith("."), hostile
 
 
 def test_a_full_disk_is_said_and_leaves_no_file(studio, tmp_path, cache_dir):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -257,6 +258,8 @@ def _shown_folder(folder: Path, paths: Paths) -> str:
 def next_grid_path(paths: Paths, name: str, now: _dt.datetime | None = None) -> Path:
     """`outputs/compare/<name>-<YYYYmmdd-HHMMSS>.png`, numbered when that name is taken."""
     stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    # The name comes from the run's settings JSON, a file anyone may edit: only its safe characters reach a path.
+    name = re.sub(r"[^\w. -]", "_", name)[:100].strip(". ") or "run"
     folder = paths.outputs_dir / FOLDER
     path, number = folder / f"{name}-{stamp}.png", 1
     while path.exists():

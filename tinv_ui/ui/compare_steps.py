@@ -126,10 +126,11 @@ def _wire(ctx: UIContext, view: CompareView) -> None:
         trigger(pick_run, inputs=view.run, outputs=view.run_outputs, show_progress="hidden", api_visibility="private")
 
 
-def run_choices(ctx: UIContext) -> list[tuple[str, str]]:
-    """(label, key) of every run with copies, newest first: 'alpha · 2026-12-03 14:05 · steps 500–3000 (6)'."""
+def run_choices(ctx: UIContext) -> dict[str, tuple[str, RunRecord]]:
+    """key -> (label, run) of every run with copies, newest first; labels read
+    'alpha · 2026-12-03 14:05 · steps 500–3000 (6) · alpha_run2'."""
     root = log_root(ctx.paths.outputs_dir)
-    return [(_run_label(run), compare.run_key(root, run)) for run in compare.runs_with_copies(root)]
+    return {compare.run_key(root, run): (_run_label(run), run) for run in compare.runs_with_copies(root)}
 
 
 def _run_label(run: RunRecord) -> str:
@@ -142,12 +143,11 @@ def run_updates(ctx: UIContext, run_key: str | None) -> list[Any]:
     """[run list, steps, prompt, negative, sampler, steps, cfg, seed, width, height] for `run_key` (default: newest).
 
     The form takes the run's preview settings, so the grid starts from what its previews showed."""
-    choices = run_choices(ctx)
-    keys = [key for _, key in choices]
-    key = run_key if run_key in keys else (keys[0] if keys else None)
+    listed = run_choices(ctx)
+    key = run_key if isinstance(run_key, str) and run_key in listed else next(iter(listed), None)
     if key is None:
         return [gr.Dropdown(choices=[], value=None), gr.CheckboxGroup(choices=[], value=[])] + [gr.skip()] * len(FIELDS)
-    run = compare.find_run(log_root(ctx.paths.outputs_dir), key)
+    run = listed[key][1]
     s = run.settings
     res = ctx.native_resolution
 
@@ -157,7 +157,7 @@ def run_updates(ctx: UIContext, run_key: str | None) -> list[Any]:
 
     seed = setting("preview_seed", -1, int)
     return [
-        gr.Dropdown(choices=choices, value=key),
+        gr.Dropdown(choices=[(label, k) for k, (label, _) in listed.items()], value=key),
         gr.CheckboxGroup(choices=[(f"step {n}", n) for n in run.copies], value=compare.default_steps(list(run.copies))),
         compare.default_prompt(run),
         setting("preview_negative_prompt", "", str),
