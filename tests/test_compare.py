@@ -3,15 +3,16 @@ under the lock one image at a time, saved as a labelled grid with infotext; refu
 
 from __future__ import annotations
 
-import re
 import datetime
 import json
+import re
 import threading
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import wait_until
 from PIL import Image
 
 from tinv_ui import compare, formats, generation, runs
@@ -233,7 +234,14 @@ def test_the_api_takes_a_run_from_the_listing_only_and_answers_with_the_grid(stu
             with pytest.raises(AppError, match=re.escape(message)) as info:
                 client.predict(**{**request, **bad}, api_name="/compare_steps")
             assert "Traceback" not in str(info.value)
+        # Stop (same browser tab: the same Gradio session) ends a long comparison; the cells drawn are saved.
+        long = client.submit(**{**request, "steps": 150, "chosen": [2, 4], "width": 128, "height": 128},
+                             api_name="/compare_steps")
+        wait_until(lambda: studio.busy_with.startswith("comparing steps of alpha: step 2"), "the first cell renders")
+        client.predict(api_name="/stop_compare")
+        stopped = long.result(timeout=120)[0]
+    assert "Stopped" in stopped and "Done" not in stopped  # before the first image, or after it on a fast machine
     assert "Done: 2 steps, seed 5; grid saved." in progress
-    [path] = (paths.outputs_dir / "compare").glob("alpha-*.png")
-    assert saved.endswith(f"compare/{path.name}") and Image.open(grid).size == Image.open(path).size
+    path = paths.outputs_dir / "compare" / saved.rsplit("/", 1)[-1]
+    assert saved.endswith(f"compare/{path.name}") and Image.open(grid).size == Image.open(path).size == (128, 64 + 19)
     assert Image.open(path).text["parameters"] == infotext and 'Embedding steps: "2, 4"' in infotext
