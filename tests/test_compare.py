@@ -139,6 +139,22 @@ def test_stop_ends_at_the_next_step_keeps_the_cells_drawn_and_frees_the_lock(stu
     assert run_all(studio, paths, run, [2], stop=stop_at_once) == [Compared((), 1234, None, "", None, True)]
 
 
+def test_a_model_loaded_between_two_cells_ends_the_comparison_unsaved(cache_dir, paths):
+    from tinv_ui.config import ModelSpec
+    from tinv_ui.errors import TinvError
+    from tinv_ui.studio import Studio
+
+    own = Studio(Paths(cache_dir=cache_dir))  # the session studio is shared: this one is reloaded
+    own.load(ModelSpec("tiny"))
+    run = write_run(paths, "alpha", [2, 4])
+    events = compare.compare_steps(own, run, [2, 4], CFG, EmbeddingLibrary(paths.embeddings_dir), paths)
+    assert next(e for e in events if isinstance(e, Generated))
+    own.load(ModelSpec("tiny"))  # as the model picker does, between two cells
+    with pytest.raises(TinvError, match="the model was changed during the step comparison"):
+        list(events)
+    assert not (paths.outputs_dir / "compare").exists() and own.busy_with == ""
+
+
 def test_wrong_requests_are_refused_before_any_rendering(studio, paths):
     run = write_run(paths, "alpha", [2, 4])
     root = runs.log_root(paths.outputs_dir)

@@ -75,6 +75,7 @@ def compare_steps(studio: Studio, run: RunRecord, steps: Sequence[int], cfg: Gen
     copies = [_read_copy(studio, run, step) for step in chosen]
     _check_prompt_uses(studio, cfg.prompt, run.name, {**others, run.name: _vectors(copies[0].embedding)})
     cfg = replace(cfg, seed=generation.resolve_seed(cfg.seed), batch_size=1, batch_count=1, save=False)
+    pipeline = studio.pipeline  # every cell must come from the model the copies were checked against
 
     # 2. One cell per copy, each under the lock; steps are counted across the whole grid for the progress bar.
     total, t0 = len(copies) * cfg.steps, time.perf_counter()
@@ -89,6 +90,9 @@ def compare_steps(studio: Studio, run: RunRecord, steps: Sequence[int], cfg: Gen
         what = f"comparing steps of {run.name}: step {copy.step} ({i + 1}/{len(copies)})"
         with studio.session(what=what), contextlib.closing(generation._render_streaming(
                 studio, cfg, vectors, {**hashes, run.name: copy.hash})) as items:
+            if studio.pipeline is not pipeline:  # a model was loaded between two cells
+                raise TinvError("the model was changed during the step comparison, so its images would not be "
+                                "comparable; nothing was saved. Render the comparison again.")
             for item in items:
                 if isinstance(item, tuple):
                     done = i * cfg.steps + round(item[0] / item[1] * cfg.steps)
