@@ -96,11 +96,11 @@ def test_the_eta_counts_previews_and_saves_and_counts_down_during_a_preview(stud
 
     def preview_taking_10_s(*args, **kwargs):
         if not mid_preview:  # the first one: the snapshots the page gets while it renders
-            clock.now += 2
+            clock.now += 1
             mid_preview.append(job.snapshot())
-            clock.now += 6  # past its 3 s estimate
+            clock.now += 6  # past its 1.5 s estimate
             mid_preview.append(job.snapshot())
-            clock.now += 2
+            clock.now += 3
         else:
             clock.now += 10
         return real_preview(*args, **kwargs)
@@ -120,10 +120,10 @@ def test_the_eta_counts_previews_and_saves_and_counts_down_during_a_preview(stud
 
     etas = [(describe(e), e.eta) for e in events if isinstance(e, (Step, Phase)) and e.eta is not None]
     assert etas == [
-        # 3 steps of 1 s, 2 previews estimated at preview_steps (3) steps, 2 copies + the final file at 1 step each
-        (("Step", 1), 12.0), (("Step", 2), 11.0),
-        (("Phase", "saving a copy at step 2"), 11.0),
-        (("Phase", "rendering preview at step 2"), 9.0),  # a copy measured: 0.5 s
+        # 3 steps of 1 s, 2 previews estimated at preview_steps (3) half steps, 2 copies + the final file at a step each
+        (("Step", 1), 9.0), (("Step", 2), 8.0),
+        (("Phase", "saving a copy at step 2"), 8.0),
+        (("Phase", "rendering preview at step 2"), 6.0),  # a copy measured: 0.5 s
         (("Step", 3), 12.0),  # a preview measured: 10 s, one to come
         (("Step", 4), 11.0),
         (("Phase", "saving a copy at step 4"), 11.0),
@@ -131,12 +131,12 @@ def test_the_eta_counts_previews_and_saves_and_counts_down_during_a_preview(stud
         (("Phase", "saving the final file at step 4"), 0.5),
     ]
     assert [(e.text, e.expected) for e in events if isinstance(e, Phase) and e.expected is not None] == [
-        ("saving a copy at step 2", 1.0), ("rendering preview at step 2", 3.0), ("saving a copy at step 4", 0.5),
+        ("saving a copy at step 2", 1.0), ("rendering preview at step 2", 1.5), ("saving a copy at step 4", 0.5),
         ("rendering preview at step 4", 10.0), ("saving the final file at step 4", 0.5)]
     during, overdue = mid_preview
     assert during.phase == "rendering preview at step 2" and during.step == 2
-    assert during.eta == 7.0  # 9 s when it began, 2 s ago
-    assert overdue.eta == 6.0  # never below the steps, preview and copies after this preview
+    assert during.eta == 5.0  # 6 s when it began, 1 s ago
+    assert overdue.eta == 4.5  # never below the steps, preview and copies after this preview
     snap = job.snapshot()
     assert snap.status == JobStatus.FINISHED and snap.phase == "" and snap.eta == 0.0
     last_step = [e for e in events if isinstance(e, Step)][-1]
@@ -145,18 +145,20 @@ def test_the_eta_counts_previews_and_saves_and_counts_down_during_a_preview(stud
 
 def test_run_times_counts_what_is_to_come_and_leaves_out_the_warm_up_step():
     clock = Clock()
-    times = RunTimes.for_run(first_step=3, total=10, preview_every=4, save_every=5, preview_steps=20, clock=clock)
+    times = RunTimes.for_run(first_step=3, total=10, preview_every=4, save_every=5, preview_steps=20,
+                             micro_batches=2, clock=clock)
     assert times.left == {STEP: 7, PREVIEW: 2, SAVE: 3}  # previews at 4, 8; copies at 5, 10; the final file
     assert RunTimes.for_run(3, 10, 4, 5, 20, main=False).left == {STEP: 7, PREVIEW: 0, SAVE: 0}
     assert times.eta() is None and times.expected(PREVIEW) is None  # nothing measured yet
     clock.now += 30.0  # the first step compiles
     times.lap(STEP)
-    assert times.expected(STEP) == 30.0 and times.expected(PREVIEW) == 600.0
+    # a preview's first estimate: 20 sampling steps at half a micro-batch (a step holds 2) each
+    assert times.expected(STEP) == 30.0 and times.expected(PREVIEW) == 150.0
     for _ in range(2):
         clock.now += 0.5
         times.lap(STEP)
     assert times.expected(STEP) == 0.5  # the warm-up step no longer counts
-    assert times.eta() == pytest.approx(4 * 0.5 + 2 * 20 * 0.5 + 3 * 0.5)
+    assert times.eta() == pytest.approx(4 * 0.5 + 2 * 2.5 + 3 * 0.5)
     clock.now += 4.0
     times.lap(PREVIEW)
     assert times.expected(PREVIEW) == 4.0 and times.eta() == pytest.approx(4 * 0.5 + 4.0 + 3 * 0.5)

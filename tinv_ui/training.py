@@ -142,7 +142,8 @@ def _loop(run: Run, stop: threading.Event) -> Iterator[Event]:
     """One iteration per optimizer step; returns the closing events once the final file is saved."""
     cfg, total, first = run.cfg, run.cfg.max_steps, run.step
     # Timing for the ETA: steps, previews and saves each measured, the ones to come counted (`eta.py`).
-    times = RunTimes.for_run(first, total, cfg.preview_every, cfg.save_every, cfg.preview_steps, run.is_main)
+    times = RunTimes.for_run(first, total, cfg.preview_every, cfg.save_every, cfg.preview_steps,
+                             cfg.gradient_accumulation, run.is_main)
     for step in range(first + 1, total + 1):
         # Stop between steps; the interrupt saves the vectors as they stand.
         if stop.is_set():
