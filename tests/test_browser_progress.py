@@ -40,10 +40,11 @@ def test_the_phase_the_last_prompt_and_the_newest_preview_are_shown(tmp_path, ca
 
         # While the first preview renders, the label names it, with an ETA (the run's previews included).
         progress = page.locator("#tinv-train-progress")
-        expect(progress).to_contain_text(
-            re.compile(rf"{NAME}: step 2/4 · ETA \d+:\d\d · loss [\d.]+ · rendering preview at step 2"), timeout=60_000)
-        # The last training prompt: a line of the template (style_filewords) with the embedding and the image's caption.
-        expect(field(page, "tinv-train-prompt")).to_have_value(re.compile(rf"^(?=.*\b{NAME}\b)(?=.*\bcaption \d, tag a, tag b\b)"))
+        preview_phase = re.compile(rf"{NAME}: step 2/4 · ETA \d+:\d\d · loss [\d.]+ · rendering preview at step 2")
+        expect(progress).to_contain_text(preview_phase, timeout=60_000)
+        # The last training prompt: a line of the template (style_filewords) with the embedding and a caption.
+        with_both = re.compile(rf"^(?=.*\b{NAME}\b)(?=.*\bcaption \d, tag a, tag b\b)")
+        expect(field(page, "tinv-train-prompt")).to_have_value(with_both)
         # The newest preview, large, with its step; then the next one replaces it.
         newest = page.locator("#tinv-train-newest")
         expect(newest).to_contain_text("Newest preview: step 2", timeout=60_000)

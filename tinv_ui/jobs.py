@@ -92,18 +92,22 @@ class TrainingJob:
             self._update(status=JobStatus.FAILED, phase="", message=str(e))
         except Exception as e:  # a bug: keep the traceback in the log and show something readable
             log.exception("training %s failed", self.cfg.embedding)
-            self._update(status=JobStatus.FAILED, phase="", message=f"Training failed with an unexpected error: {type(e).__name__}: {e}")
+            self._update(status=JobStatus.FAILED, phase="",
+                         message=f"Training failed with an unexpected error: {type(e).__name__}: {e}")
         finally:
             events.close()
             if self.snapshot().status == JobStatus.RUNNING:  # ended without Finished or an error: never leave it running
-                self._update(status=JobStatus.FAILED, phase="", message="Training ended without finishing; see the log.")
+                self._update(status=JobStatus.FAILED, phase="",
+                             message="Training ended without finishing; see the log.")
 
     def _apply(self, event) -> None:
         match event:
             case Phase():
                 # While a preview or a save runs the ETA counts down, but not below what is left after it.
-                floor = event.eta - event.expected if event.eta is not None and event.expected is not None else event.eta
-                countdown = None if event.eta is None else (event.eta, max(0.0, floor), self._clock())
+                countdown = None
+                if event.eta is not None:
+                    floor = event.eta - (event.expected or 0.0)
+                    countdown = (event.eta, max(0.0, floor), self._clock())
                 self._update(phase=event.text, eta=event.eta, countdown=countdown)
             case Started():
                 self._update(name=event.name, step=event.initial_step, total=event.total_steps, log_dir=event.log_dir,

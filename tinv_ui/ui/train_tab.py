@@ -270,7 +270,8 @@ def job_view(ctx: UIContext, seen: dict) -> list[Any]:
         return any(seen.get(k) != now[k] for k in ("job", *keys))
 
     return [
-        progress_html(snap.step, snap.total, now["label"], snap.status.value) if changed("status", "label") else gr.skip(),
+        progress_html(snap.step, snap.total, now["label"], snap.status.value) if changed("status", "label")
+        else gr.skip(),
         _gallery_value(snap.previews) if changed("previews") else gr.skip(),
         _loss_frame(list(snap.losses)) if changed("step") else gr.skip(),
         now["saved"] if changed("saved") else gr.skip(),
