@@ -15,7 +15,7 @@ from tinv_ui import cli, formats
 from tinv_ui.config import Compile, GenerateConfig, TrainConfig, field_help
 from tinv_ui.errors import ConfigError
 from tinv_ui.embedding import Embedding
-from tinv_ui.events import Finished, Generated, Preview, Saved, Started, Step
+from tinv_ui.events import RENDERING_PREVIEW, Finished, Generated, Phase, Preview, Saved, Started, Step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,6 +145,7 @@ def test_event_lines():
     lines = [
         *cli.format_event(Started("e", 0, 10, 4, Path("/logs"))),
         *cli.format_event(Step(3, 10, 2.0, 5.0, loss=0.125, lr=0.005)),
+        *cli.format_event(Phase(RENDERING_PREVIEW, "rendering preview at step 5", 5, 12.0, 3.0)),
         *cli.format_event(Preview(5, ("img",), "p", (Path("/p/5.png"),))),
         *cli.format_event(Saved(5, Path("/e/e-5.pt"))),
         *cli.format_event(Saved(10, Path("/e/e.pt"), final=True)),
@@ -155,6 +156,7 @@ def test_event_lines():
     assert lines == [
         "started: e from step 0 to 10 on 4 images, logs in /logs",
         "step 3/10 loss=0.125 lr=0.005 elapsed 0:02 eta 0:05",
+        "rendering preview at step 5...",
         "preview at step 5: /p/5.png",
         "saved at step 5: /e/e-5.pt",
         "saved final at step 10: /e/e.pt",
@@ -184,7 +186,10 @@ def test_train_then_generate_headless(tmp_path, built_cache, images):
                    "subject", *folders, cache_dir=built_cache)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("started: clitrain from step 0 to 3 on 4 images")
+    assert lines[:2] == ["loading images (checking the settings and the dataset)...",
+                         "encoding latents of 4 images (each as the first steps use it)..."]
+    assert lines[2].startswith("started: clitrain from step 0 to 3 on 4 images")
+    assert "saving a copy at step 2..." in lines and lines[-3] == "saving the final file at step 3..."
     assert [line.split()[1] for line in lines if line.startswith("step ")] == ["1/3", "2/3", "3/3"]
     assert any(line.startswith("saved at step 2: ") and line.endswith("clitrain-2.pt") for line in lines)
     assert lines[-1].startswith("finished at step 3:")

@@ -23,7 +23,7 @@ from tinv_ui.config import CreateConfig, TrainConfig
 from tinv_ui.create import create_embedding
 from tinv_ui.dataset import load_dataset
 from tinv_ui.errors import DatasetError
-from tinv_ui.events import Finished, Saved, Started
+from tinv_ui.events import Finished, Phase, Saved, Started
 from tinv_ui.jobs import TrainingRunner
 from tinv_ui.library import EmbeddingLibrary
 from tinv_ui.tokens import PromptTokenizer
@@ -44,7 +44,9 @@ def config(folder: Path, **kw) -> TrainConfig:
 
 
 def train_events(studio, paths, cfg, stop=None) -> list:
-    return list(training.train(studio, cfg, EmbeddingLibrary(paths.embeddings_dir), paths, stop))
+    """The run's events without its `Phase`s (tests/test_progress.py checks those)."""
+    events = training.train(studio, cfg, EmbeddingLibrary(paths.embeddings_dir), paths, stop)
+    return [e for e in events if not isinstance(e, Phase)]
 
 
 def leftovers(*folders: Path) -> list[Path]:

@@ -113,12 +113,15 @@ def test_insert_name_appends_with_separator():
 
 
 def test_job_view_sends_only_what_changed(tmp_path):
+    from dataclasses import replace
+
     from tinv_ui.jobs import JobSnapshot
     from tinv_ui.ui.train_tab import job_view
 
     class Job:
         snap = JobSnapshot(status="running", name="emb", step=3, total=10, eta=12.0, losses=[(1, 0.5), (2, 0.4), (3, 0.3)],
-                           previews=[tmp_path / "emb-2.png"], last_saved=None, message="", log_dir=None)
+                           previews=[tmp_path / "emb-2.png"], last_saved=None, message="", log_dir=None,
+                           phase="training", prompt="a photo of emb, red")
 
         def snapshot(self):
             return self.snap
@@ -127,13 +130,20 @@ def test_job_view_sends_only_what_changed(tmp_path):
         current = Job()
 
     ctx = type("Ctx", (), {"runner": Runner()})()
-    progress, gallery, plot, saved, message, seen = job_view(ctx, {})
-    assert "emb: step 3/10 · ETA 0:12 · loss 0.3000" in progress
+    progress, gallery, plot, saved, message, prompt, newest, seen = job_view(ctx, {})
+    assert "emb: step 3/10 · ETA 0:12 · loss 0.3000 · training" in progress
     assert gallery == [(str(tmp_path / "emb-2.png"), "step 2")]
     assert list(plot["step"]) == [1, 2, 3] and str(plot["loss"].dtype) == "float64"
+    assert prompt == "a photo of emb, red"
+    assert newest.visible and newest.label == "Newest preview: step 2" and newest.value["path"].endswith("emb-2.png")
     again = job_view(ctx, seen)
-    assert all(isinstance(u, dict) and u.get("__type__") == "update" for u in again[:5])  # gr.skip() everywhere
-    assert again[5] == seen
+    assert all(isinstance(u, dict) and u.get("__type__") == "update" for u in again[:7])  # gr.skip() everywhere
+    assert again[7] == seen
+    # A preview starts: same step, but the label says so (and its ETA), nothing else is sent.
+    Job.snap = replace(Job.snap, phase="rendering preview at step 3", eta=9.0)
+    progress, *rest, seen = job_view(ctx, seen)
+    assert "emb: step 3/10 · ETA 0:09 · loss 0.3000 · rendering preview at step 3" in progress
+    assert all(isinstance(u, dict) and u.get("__type__") == "update" for u in rest)
 
 
 def test_model_picker_lists_models_and_loads(paths):

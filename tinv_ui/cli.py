@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .config import (Compile, CreateConfig, FieldSpec, GenerateConfig, ModelSpec, Paths, TrainConfig, field_help,
                      field_range, field_spec)
 from .errors import TinvError
-from .events import Finished, Generated, Preview, Saved, Started, Step, format_duration
+from .events import Finished, Generated, Phase, Preview, Saved, Started, Step, format_duration
 
 if TYPE_CHECKING:  # for the type hints only; the commands import them where they are used
     from .library import EmbeddingLibrary
@@ -123,6 +123,8 @@ def _library(args: argparse.Namespace, studio: Studio | None = None, width: int 
 def format_event(event: Any) -> list[str]:
     """The lines the CLI prints for one event."""
     match event:
+        case Phase():
+            return [f"{event.text}..."]
         case Started():
             logs = f", logs in {event.log_dir}" if event.log_dir else ""
             lines = [f"started: {event.name} from step {event.initial_step} to {event.total_steps} "
@@ -224,7 +226,8 @@ def _sigint_sets(stop: threading.Event) -> Callable[[], None]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train an embedding; prints Started, one line per step, saves/previews and Finished."""
+    """Train an embedding; prints each phase (loading, encoding, saving, preview) as it begins, Started, one line
+    per step, saves/previews and Finished."""
     from . import training
 
     cfg = config_from_args(TrainConfig, args)

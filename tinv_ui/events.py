@@ -33,6 +33,32 @@ class Step:
     eta: float | None
     loss: float | None = None
     lr: float | None = None
+    prompt: str = ""  # training: the prompt of the step's first image (A1111's "Last prompt")
+
+
+# The phases of a training run, in the order a run goes through them (previews and saves recur).
+LOADING_IMAGES = "loading images"
+ENCODING_LATENTS = "encoding latents"
+TRAINING = "training"
+RENDERING_PREVIEW = "rendering preview"
+SAVING = "saving"
+PHASES = (LOADING_IMAGES, ENCODING_LATENTS, TRAINING, RENDERING_PREVIEW, SAVING)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A training run enters a phase. Sent BEFORE the phase's work, so a consumer shows it while it happens.
+
+    Training itself is entered by `Started` and continues with each `Step`, `Preview` and non-final `Saved`.
+    `eta`: seconds left at this moment, counting this phase's work, which is expected to take `expected`
+    seconds (None: not known yet).
+    """
+
+    name: str  # one of PHASES
+    text: str  # what to show, e.g. "rendering preview at step 40"
+    step: int | None = None
+    eta: float | None = None
+    expected: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +115,7 @@ class Compared:
     interrupted: bool = False
 
 
-Event = Started | Step | Preview | Saved | Finished | Generated | Compared
+Event = Phase | Started | Step | Preview | Saved | Finished | Generated | Compared
 
 
 def format_duration(seconds: float | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .config import Paths, TrainConfig
 from .errors import BusyError, TinvError
-from .events import Finished, Preview, Saved, Started, Step
+from .events import TRAINING, Finished, Phase, Preview, Saved, Started, Step
 from .training import train
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class JobSnapshot:
     last_saved: Path | None
     message: str
     log_dir: Path | None
+    phase: str = ""  # what the run is doing now, e.g. "rendering preview at step 40" ("" once it ended)
+    prompt: str = ""  # the last training prompt (of the last step's first image)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", JobStatus(self.status))
@@ -61,15 +64,18 @@ class JobSnapshot:
 class TrainingJob:
     """One training run on a daemon thread. Use `TrainingRunner.start` to create it."""
 
-    def __init__(self, studio: Studio, cfg: TrainConfig, library: EmbeddingLibrary, paths: Paths) -> None:
+    def __init__(self, studio: Studio, cfg: TrainConfig, library: EmbeddingLibrary, paths: Paths,
+                 clock=time.perf_counter) -> None:
         self.cfg = cfg
         self._args = (studio, cfg, library, paths)
+        self._clock = clock  # the ETA counts down with it (the trainer's `eta.RunTimes` uses perf_counter too)
+        self._eta_from: tuple[float, float, float] | None = None  # (eta, its lowest value, when it was given)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._losses: deque[tuple[int, float]] = deque(maxlen=MAX_LOSSES)
         self._previews: deque[Path] = deque(maxlen=MAX_PREVIEWS)
         self._snap = JobSnapshot(JobStatus.RUNNING, cfg.embedding, 0, cfg.max_steps, None, [], [], None,
-                                 "Preparing (checks, dataset, latents)...", None)
+                                 "Preparing (checks, dataset, latents)...", None, "starting")
         self._thread = threading.Thread(target=self._run, name=f"tinv-train-{cfg.embedding}", daemon=True)
 
     def start(self) -> "TrainingJob":
@@ -83,41 +89,59 @@ class TrainingJob:
             for event in events:
                 self._apply(event)
         except TinvError as e:
-            self._update(status=JobStatus.FAILED, message=str(e))
+            self._update(status=JobStatus.FAILED, phase="", message=str(e))
         except Exception as e:  # a bug: keep the traceback in the log and show something readable
             log.exception("training %s failed", self.cfg.embedding)
-            self._update(status=JobStatus.FAILED, message=f"Training failed with an unexpected error: {type(e).__name__}: {e}")
+            self._update(status=JobStatus.FAILED, phase="",
+                         message=f"Training failed with an unexpected error: {type(e).__name__}: {e}")
         finally:
             events.close()
             if self.snapshot().status == JobStatus.RUNNING:  # ended without Finished or an error: never leave it running
-                self._update(status=JobStatus.FAILED, message="Training ended without finishing; see the log.")
+                self._update(status=JobStatus.FAILED, phase="",
+                             message="Training ended without finishing; see the log.")
 
     def _apply(self, event) -> None:
         match event:
+            case Phase():
+                # While a preview or a save runs the ETA counts down, but not below what is left after it.
+                countdown = None
+                if event.eta is not None:
+                    floor = event.eta - (event.expected or 0.0)
+                    countdown = (event.eta, max(0.0, floor), self._clock())
+                self._update(phase=event.text, eta=event.eta, countdown=countdown)
             case Started():
-                self._update(name=event.name, step=event.initial_step, total=event.total_steps, log_dir=event.log_dir, message=event.message)
+                self._update(name=event.name, step=event.initial_step, total=event.total_steps, log_dir=event.log_dir,
+                             message=event.message, phase=TRAINING)
             case Step():
                 with self._lock:
                     self._losses.append((event.step, float(event.loss)))
-                self._update(step=event.step, eta=event.eta)
+                self._update(step=event.step, eta=event.eta, phase=TRAINING, prompt=event.prompt)
             case Preview():
                 with self._lock:
                     self._previews.extend(event.paths)
+                self._update(phase=TRAINING)
             case Saved():
-                self._update(last_saved=event.path)
+                self._update(last_saved=event.path, **({} if event.final else {"phase": TRAINING}))
             case Finished():
                 status = JobStatus.INTERRUPTED if event.interrupted else JobStatus.FINISHED
                 self._update(status=status, step=event.step, eta=0.0, message=event.message,
-                             last_saved=event.path or self._snap.last_saved)
+                             last_saved=event.path or self._snap.last_saved, phase="")
 
-    def _update(self, **changes) -> None:
+    def _update(self, countdown: tuple[float, float, float] | None = None, **changes) -> None:
+        """Change the snapshot; `countdown` (eta, its lowest value, clock time) lets `snapshot` count the ETA
+        down until the next update (only a `Phase` gives one)."""
         with self._lock:
             self._snap = replace(self._snap, **changes)
+            self._eta_from = countdown
 
     def snapshot(self) -> JobSnapshot:
-        """The job's progress now (copies of the loss and preview lists)."""
+        """The job's progress now (copies of the loss and preview lists; the ETA as of now)."""
         with self._lock:
-            return replace(self._snap, losses=list(self._losses), previews=list(self._previews))
+            snap = replace(self._snap, losses=list(self._losses), previews=list(self._previews))
+            if self._eta_from is not None and snap.status == JobStatus.RUNNING:
+                eta, lowest, given = self._eta_from
+                snap = replace(snap, eta=max(lowest, eta - (self._clock() - given)))
+            return snap
 
     @property
     def running(self) -> bool:

@@ -51,7 +51,9 @@ from torch import nn
 
 from .config import ClipGrad, Paths, TrainConfig
 from .errors import TinvError, TrainingError
-from .events import Event, Finished, Saved, Started, Step
+from .eta import PREVIEW, SAVE, STEP, RunTimes
+from .events import (ENCODING_LATENTS, LOADING_IMAGES, RENDERING_PREVIEW, SAVING, Event, Finished, Phase, Saved,
+                     Started, Step)
 from .studio import Studio
 from .train_outputs import render_preview, save_copy, save_final, write_settings
 from .train_setup import Plan, Run, preflight, prepare, remove_stale_temp_files
@@ -67,15 +69,19 @@ def train(studio: Studio, cfg: TrainConfig, library, paths: Paths, stop: threadi
           accelerator: Any = None) -> Iterator[Event]:
     """Train `cfg.embedding`; yields Started, then Step per optimizer step, Saved/Preview every N, then
     Saved(final=True) and Finished. Failures raise `TinvError` subclasses (`TrainingError` for NaN/disk).
+    A `Phase` comes before the work it names: loading images (first), encoding latents (before Started),
+    saving and rendering preview (before each Saved and Preview).
 
     `stop` (set from any thread) or closing the generator interrupts the run and saves it. `accelerator`:
     one `accelerate.Accelerator` for `accelerate launch` data-parallel runs (see `distributed_accelerator`).
     """
     stop = stop or threading.Event()
+    yield Phase(LOADING_IMAGES, "loading images (checking the settings and the dataset)")
     plan = preflight(studio, cfg, library, paths)  # 1. checks only, no GPU work
     main = accelerator is None or accelerator.is_main_process
     if main:
         remove_stale_temp_files(plan)
+    yield Phase(ENCODING_LATENTS, _encoding_text(plan, studio))
     micro_batches = (cfg.max_steps - plan.initial_step) * cfg.gradient_accumulation
     with contextlib.ExitStack() as cleanup:  # 5. clean up: undone in reverse order, each under the lock
         unet = cleanup.enter_context(tuned_unet(studio, cfg, want_compile(cfg, studio.device, micro_batches)))
@@ -103,6 +109,13 @@ def _started(run: Run) -> Started:
     return Started(plan.name, plan.initial_step, plan.cfg.max_steps, len(plan.dataset), plan.out_dir, message)
 
 
+def _encoding_text(plan: Plan, studio: Studio) -> str:
+    images = f"{len(plan.dataset)} image{'s' * (len(plan.dataset) != 1)}"
+    if vae_offload_wanted(studio.device):  # `prepare` encodes them all before the first step
+        return f"encoding latents of {images}"
+    return f"encoding latents of {images} (each as the first steps use it)"
+
+
 def _run_guarded(run: Run, stop: threading.Event) -> Iterator[Event]:
     """The loop, plus the interrupt rules: a closed generator saves; an unexpected error saves what is good."""
     try:
@@ -128,9 +141,13 @@ def _run_guarded(run: Run, stop: threading.Event) -> Iterator[Event]:
 def _loop(run: Run, stop: threading.Event) -> Iterator[Event]:
     """One iteration per optimizer step; returns the closing events once the final file is saved."""
     cfg, total, first = run.cfg, run.cfg.max_steps, run.step
+    # Timing for the ETA: steps, previews and saves each measured, the ones to come counted (`eta.py`).
+    times = RunTimes.for_run(first, total, cfg.preview_every, cfg.save_every, cfg.preview_steps,
+                             cfg.gradient_accumulation, run.is_main)
     for step in range(first + 1, total + 1):
         # Stop between steps; the interrupt saves the vectors as they stand.
         if stop.is_set():
+            yield from _saving_final(run, times)
             return _finish(run, interrupted=True)
         # Rates for this update, from the steps completed so far (A1111's rule).
         lr = run.plan.lr.rate_at(step - 1)
@@ -144,18 +161,34 @@ def _loop(run: Run, stop: threading.Event) -> Iterator[Event]:
             _stop_on_nan(run, step, loss, lr)
         run.step = step
         run.last_finite_vectors.copy_(run.vectors.detach())
-        # Report: loss CSV (A1111 columns) and a Step event with the ETA.
-        elapsed = time.perf_counter() - run.started
+        # Report: loss CSV (A1111 columns) and a Step event with the ETA and the step's first prompt.
         if run.loss_log is not None and step % cfg.write_csv_every == 0:
             epoch, epoch_step = divmod(step - 1, run.steps_per_epoch)
             run.loss_log.add(step, epoch, epoch_step, loss, lr)
-        yield Step(step, total, elapsed, elapsed / (step - first) * (total - step), loss, lr)
-        # Periodic copy and preview (main process only).
+        times.lap(STEP)
+        yield Step(step, total, time.perf_counter() - run.started, times.eta(), loss, lr, prompt)
+        # Periodic copy and preview (main process only), each announced before it starts.
         if run.is_main and cfg.save_every and step % cfg.save_every == 0:
-            yield Saved(step, save_copy(run, step))
+            yield Phase(SAVING, f"saving a copy at step {step}", step, times.eta(), times.expected(SAVE))
+            path = save_copy(run, step)
+            times.lap(SAVE)
+            yield Saved(step, path)
         if run.is_main and cfg.preview_every and step % cfg.preview_every == 0:
-            yield render_preview(run, step, prompt)
+            yield Phase(RENDERING_PREVIEW, f"rendering preview at step {step}", step, times.eta(),
+                        times.expected(PREVIEW))
+            preview = render_preview(run, step, prompt)
+            times.lap(PREVIEW)
+            yield preview
+    yield from _saving_final(run, times)
     return _finish(run, interrupted=False)
+
+
+def _saving_final(run: Run, times: RunTimes) -> Iterator[Phase]:
+    """The phase of the final save (`_finish`), on the process that writes it; it is all that is left (also
+    when the run was interrupted)."""
+    if run.is_main:
+        seconds = times.expected(SAVE)
+        yield Phase(SAVING, f"saving the final file at step {run.step}", run.step, seconds, seconds)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -50,10 +50,13 @@ class TrainTab:
     message: gr.Textbox
     seen: gr.State  # what this browser tab already shows of the job (so polls send only changes)
     timer: gr.Timer
+    last_prompt: gr.Textbox  # the last training prompt (A1111's "Last prompt")
+    newest: gr.Image  # the newest preview, large, with its step
 
     @property
     def watch_outputs(self) -> list:
-        return [self.progress, self.gallery, self.plot, self.saved, self.message, self.seen]
+        return [self.progress, self.gallery, self.plot, self.saved, self.message, self.last_prompt, self.newest,
+                self.seen]
 
 
 def user_template_dir(ctx: UIContext) -> Path:
@@ -98,6 +101,9 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
         with gr.Column(scale=5), gr.Tabs(elem_id="tinv-train-views"):
             with gr.Tab("Current run", id="current", elem_id="tinv-train-current"):
                 progress = gr.HTML(progress_html(0, 0, "No training run yet.", "idle"), elem_id="tinv-train-progress")
+                last_prompt = gr.Textbox(label="Last training prompt", interactive=False, elem_id="tinv-train-prompt")
+                newest = gr.Image(label="Newest preview", type="filepath", interactive=False, height=320,
+                                  visible=False, elem_id="tinv-train-newest")
                 gallery = gr.Gallery(label="Previews", format="png", columns=4, fit_columns=False, height=260,
                                      object_fit="contain", elem_id="tinv-train-previews")
                 plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
@@ -105,7 +111,8 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
                 message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
             build_compare_tab(ctx)
     tab = TrainTab(embedding, refresh, form, folder_upload, files_upload, upload_note, start, interrupt, progress,
-                   gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS))
+                   gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS), last_prompt=last_prompt,
+                   newest=newest)
     _wire(ctx, tab)
     return tab
 
@@ -251,33 +258,50 @@ def _loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
 
 
 def job_view(ctx: UIContext, seen: dict) -> list[Any]:
-    """Updates for [progress, gallery, plot, saved, message, seen]; unchanged parts are skipped."""
+    """Updates for [progress, gallery, plot, saved, message, last_prompt, newest, seen]; unchanged parts are skipped."""
     job = ctx.runner.current
     if job is None:
-        return [gr.skip()] * 5 + [seen]
+        return [gr.skip()] * 7 + [seen]
     snap = job.snapshot()
-    now = {"job": id(job), "status": snap.status, "step": snap.step, "previews": len(snap.previews),
-           "saved": display_path(snap.last_saved) if snap.last_saved else "", "message": snap.message}
+    # The label holds the phase and the ETA, which change between steps (a preview, a save, the countdown).
+    now = {"job": id(job), "status": snap.status, "step": snap.step, "label": _progress_label(snap),
+           "previews": len(snap.previews), "saved": display_path(snap.last_saved) if snap.last_saved else "",
+           "message": snap.message, "prompt": snap.prompt}
 
     def changed(*keys: str) -> bool:
         return any(seen.get(k) != now[k] for k in ("job", *keys))
 
     return [
-        progress_html(snap.step, snap.total, _progress_label(snap), snap.status.value) if changed("status", "step") else gr.skip(),
+        progress_html(snap.step, snap.total, now["label"], snap.status.value) if changed("status", "label")
+        else gr.skip(),
         _gallery_value(snap.previews) if changed("previews") else gr.skip(),
         _loss_frame(list(snap.losses)) if changed("step") else gr.skip(),
         now["saved"] if changed("saved") else gr.skip(),
         snap.message if changed("message", "status") else gr.skip(),
+        snap.prompt if changed("prompt") else gr.skip(),
+        _newest_value(snap.previews) if changed("previews") else gr.skip(),
         now,
     ]
 
 
 def _progress_label(snap) -> str:
+    """'emb: step 40/400 · ETA 1:23 · loss 0.1234 · rendering preview at step 40' while running (the ETA counts
+    the previews and saves to come); the status instead of ETA and phase once the run ended."""
     head = f"{snap.name}: step {snap.step}/{snap.total}"
     loss = f" · loss {snap.losses[-1][1]:.4f}" if snap.losses else ""
     if snap.status == JobStatus.RUNNING:
-        return f"{head} · ETA {format_duration(snap.eta)}{loss}"
+        eta = f" · ETA {format_duration(snap.eta)}" if snap.eta is not None else ""
+        phase = f" · {snap.phase}" if snap.phase else ""
+        return f"{head}{eta}{loss}{phase}"
     return f"{head} · {snap.status.value}{loss}"
+
+
+def _newest_value(previews: list[Path]) -> Any:
+    """The newest preview, large, labelled with its step (hidden until a run has one)."""
+    if not previews:
+        return gr.Image(value=None, visible=False)
+    newest = Path(previews[-1])
+    return gr.Image(value=str(newest), label=f"Newest preview: {_preview_caption(newest)}", visible=True)
 
 
 def _gallery_value(previews: list[Path]) -> list[tuple[str, str]]:
