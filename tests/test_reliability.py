@@ -27,7 +27,7 @@ from tinv_ui.events import Finished, Saved, Started
 from tinv_ui.jobs import TrainingRunner
 from tinv_ui.library import EmbeddingLibrary
 from tinv_ui.tokens import PromptTokenizer
-from tinv_ui.ui.uploads import MAX_NAME, import_uploads, safe_file_name
+from tinv_ui.uploads import MAX_NAME, import_uploads, safe_file_name
 
 NAME = "relemb"
 

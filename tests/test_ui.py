@@ -20,7 +20,7 @@ from tinv_ui.errors import BusyError, ConfigError, InvalidNameError
 from tinv_ui.ui.errors import user_errors
 from tinv_ui.ui.forms import Form
 from tinv_ui.ui.generate_tab import insert_name
-from tinv_ui.ui.uploads import import_uploads, safe_file_name
+from tinv_ui.uploads import import_uploads, safe_file_name
 
 
 # -- uploads ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ..templates import find_template, list_templates
 from .context import UIContext, progress_html
 from .errors import user_errors
 from .forms import Form
-from .uploads import import_uploads
+from ..uploads import import_uploads
 
 POLL_SECONDS = 1.0
 MAX_PLOT_POINTS = 1000  # the loss curve is downsampled beyond this many steps
