@@ -86,6 +86,23 @@ def preview_dataset(cfg: TrainConfig, name: str = "", *, max_thumbnails: int = M
                           clock() - start)
 
 
+def folder_listing(folder: str | Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime in ns) of each entry of `folder`, sorted: equal listings mean an unchanged folder (a
+    preview of it can be kept). Empty when it is not a readable folder."""
+    try:
+        entries = list(Path(folder).expanduser().iterdir())
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        try:
+            info = entry.stat()
+        except OSError:
+            continue
+        out.append((entry.name, info.st_size, info.st_mtime_ns))
+    return sorted(out)
+
+
 def thumbnail(image: Image.Image, side: int = THUMBNAIL_PX) -> bytes:
     """`image` (the pixels training uses) shrunk to at most `side` pixels, as JPEG bytes."""
     small = image.copy()

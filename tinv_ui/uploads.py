@@ -100,9 +100,9 @@ def upload_folder(current: str | Path, outputs_dir: Path) -> Path | None:
     """`current` when it is an upload folder (a folder directly in outputs/datasets/), else None."""
     if not str(current).strip():
         return None
-    folder = Path(current).expanduser().resolve()
+    folder = Path(current).expanduser()
     datasets = (Path(outputs_dir) / "datasets").resolve()
-    return folder if folder.parent == datasets and folder.is_dir() else None
+    return folder if folder.resolve().parent == datasets and folder.is_dir() else None  # as the field says it
 
 
 def import_uploads(files: list[str | Path], outputs_dir: Path, label: str = "") -> ImportedDataset:
