@@ -19,7 +19,7 @@ import gradio as gr
 
 from ..config import TrainConfig
 from ..dataset_preview import MAX_THUMBNAILS, TIME_LIMIT_SECONDS, DatasetPreview, folder_listing, preview_dataset
-from ..errors import TinvError
+from ..errors import ConfigError, TinvError
 from ..fileio import display_path
 from ..library import printable
 from ..uploads import receive_uploads
@@ -54,8 +54,10 @@ def build_upload_area(form: Form) -> DatasetArea:
         with gr.Row(equal_height=True):
             files = gr.File(file_count="multiple", file_types=["image", ".txt"], height=140, scale=3,
                             label="Images and .txt captions", elem_id="tinv-upload-files")
-            folder = gr.UploadButton("📁 Choose a folder…", file_count="directory", size="md", scale=1, min_width=140,
-                                     elem_id="tinv-upload-folder")
+            # The column holds the button's hidden file input too (a sibling of the button, not inside it).
+            with gr.Column(scale=1, min_width=140, elem_id="tinv-upload-folder"):
+                folder = gr.UploadButton("📁 Choose a folder…", file_count="directory", size="md",
+                                         elem_id="tinv-upload-folder-button")
         form.add("dataset_dir", "Dataset folder", placeholder="/path/to/images",
                  info="Filled in by an upload; or type a folder on this machine.")
     note = gr.Markdown("", elem_id="tinv-upload-note")
@@ -76,7 +78,10 @@ def wire_dataset_area(ctx: UIContext, form: Form, embedding: gr.Dropdown, area: 
     def upload(files: list[str] | None, name: str | None, current: str | None) -> tuple[Any, str, Any]:
         if not files:
             return gr.skip(), gr.skip(), gr.skip()
-        imported = receive_uploads(files, ctx.paths.outputs_dir, label=name or "", current=current or "")
+        try:
+            imported = receive_uploads(files, ctx.paths.outputs_dir, label=name or "", current=current or "")
+        except ConfigError as e:
+            raise ConfigError(form.labelled(str(e))) from None  # "Dataset folder: dataset_dir: ..."
         return str(imported.folder), upload_note(imported), None  # None empties the drop zone for the next one
 
     def refresh(name: str | None, *values: Any, force: bool = False) -> tuple[Any, Any]:
