@@ -62,6 +62,11 @@ def test_the_dataset_preview_shows_what_training_uses_and_uploads_reuse_their_fo
         expect(preview.locator("figure", has_text=images[0].name).locator(".tinv-dp-prompt")).to_have_text(
             filled("subject_filewords", "caption 0, tag a, tag b", "ds-prev"))
 
+        # Another training size: the buckets follow.
+        set_value(page, "tinv-train-width", 72)
+        expect(preview).to_contain_text("size bucket 72×64 (3)")
+        expect(preview.locator("figure", has_text=images[2].name).locator(".tinv-dp-bucket")).to_have_text("72×64")
+
         # The same files again: the same folder, nothing copied.
         page.locator("#tinv-upload-files input[type=file]").set_input_files([str(p) for p in upload])
         expect(page.locator("#tinv-upload-note")).to_contain_text("using " + folder + " again")

@@ -89,12 +89,13 @@ def wire_dataset_area(ctx: UIContext, form: Form, embedding: gr.Dropdown, area: 
                               None if force else values[-1])
 
     settings = [embedding, *(form.components[f] for f in PREVIEW_FIELDS), area.shown]
+    # One preview at a time for all its triggers (a read of the folder is CPU work); a burst of changes runs
+    # the last one only.
+    preview_events = dict(inputs=settings, outputs=[area.preview, area.shown], trigger_mode="always_last",
+                          show_progress="minimal", concurrency_id="tinv-dataset-preview", api_visibility="private")
     for source in (area.files, area.folder):
         source.upload(upload, inputs=[source, embedding, dataset_dir], outputs=[dataset_dir, area.note, area.files],
-                      api_visibility="private").then(
-            refresh, inputs=settings, outputs=[area.preview, area.shown], api_visibility="private")
-    preview_events = dict(inputs=settings, outputs=[area.preview, area.shown], trigger_mode="always_last",
-                          show_progress="minimal", api_visibility="private")
+                      api_visibility="private").then(refresh, **preview_events)
     for field in ("dataset_dir", "template", "keep_size"):
         form.components[field].change(refresh, **preview_events)
     for field in ("filename_regex", "filename_join"):
@@ -103,8 +104,7 @@ def wire_dataset_area(ctx: UIContext, form: Form, embedding: gr.Dropdown, area: 
     for field in ("width", "height"):
         form.components[field].release(refresh, **preview_events)
     embedding.change(refresh, **preview_events)
-    area.refresh.click(lambda *v: refresh(*v, force=True), inputs=settings, outputs=[area.preview, area.shown],
-                       api_name="preview_dataset")
+    area.refresh.click(lambda *v: refresh(*v, force=True), **preview_events)
 
 
 def upload_note(imported) -> str:
