@@ -163,3 +163,19 @@ def test_captions_alone_go_beside_the_images_of_the_current_upload_folder(tmp_pa
     with pytest.raises(ConfigError, match="captions only"):
         receive_uploads(captions, outputs, "a", current=str(tmp_path / "src"))  # a folder of the user's: untouched
     assert not (tmp_path / "src" / "000-a red thing number 0.txt").exists()
+
+
+def test_the_preview_page_shows_file_names_and_captions_as_text(tmp_path):
+    from tinv_ui.ui.dataset_preview import preview_html
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (64, 64)).save(folder / "<img src=x onerror=alert(1)>.png")
+    (folder / "<img src=x onerror=alert(1)>.txt").write_text("<script>alert(2)</script>, tag", encoding="utf-8")
+    (folder / "<b onclick=x>bad.png").write_bytes(b"not a picture")
+    page = preview_html(preview_dataset(TrainConfig(embedding="x", dataset_dir=str(folder), width=64, height=64),
+                                        "x"))
+    assert "<script>" not in page and "<img src=x" not in page and "<b onclick" not in page
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;, tag" in page
+    assert "&lt;b onclick=x&gt;bad.png: not an image" in page
+    assert page.count("<img src=\"data:image/jpeg;base64,") == 1
