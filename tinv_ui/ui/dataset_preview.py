@@ -30,7 +30,8 @@ from .forms import Form
 MAX_IGNORED_SHOWN = 50  # names in the upload note and the preview's ignored list; the rest are counted
 # The form fields the preview depends on, in the order the handler takes them (after the embedding).
 PREVIEW_FIELDS = ("dataset_dir", "template", "filename_regex", "filename_join", "width", "height", "keep_size")
-FOLDERS_NOTE = ("Drop image files and their `.txt` captions (same name as the image), or choose a whole folder. "
+FOLDERS_NOTE = ("Drop image files and their `.txt` captions (same name as the image) below, or choose a whole "
+                "folder with the button. "
                 "**Subfolders are flattened**: every file of a chosen folder goes into one dataset folder in "
                 "`outputs/datasets/` (same names get -1, -2); uploading the same files again reuses that folder. "
                 "Captions alone (.txt only) go beside their images in the current dataset folder. "
