@@ -2,8 +2,8 @@
 field, a preview of what a run with the form's settings will use (core: `tinv_ui/dataset_preview.py`).
 
 The preview is rebuilt when the folder, the embedding, the template, the filename regex/join or the size
-settings change (and on its button). It is skipped when nothing it depends on changed, files included, so the
-second event of an upload (the folder field changing, then the upload finishing) costs a listing, not a read.
+settings change (and on its button). A trigger whose settings and folder listing (names, sizes, times) are the
+ones the page already shows costs that listing, not a new read of the images.
 Everything shown comes from file names and captions anyone may write: it is HTML-escaped.
 """
 
