@@ -177,7 +177,8 @@ def test_dataset_problems_are_explained_before_training(app, page, tmp_path):
     (junk / "song.mp3").write_bytes(b"ID3")
     page.get_by_role("tab", name="Train").click()
     page.locator("#tinv-upload-folder input[type=file]").set_input_files(str(junk))
-    expect(page.get_by_text(re.compile(r"Copied 0 image\(s\) and 0 caption\(s\) .*ignored 2 other file\(s\)"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"Copied 0 image\(s\) and 0 caption\(s\) .*Ignored 2 file\(s\) \(not an image "
+                                       r"or a \.txt caption\): (notes\.pdf, song\.mp3|song\.mp3, notes\.pdf)"))).to_be_visible()
     expect(page.get_by_text("No images: drop PNG, JPG, WebP")).to_be_visible()
     start_training(page, "ds-emb", "")
     expect(message).to_have_value(re.compile(r"dataset_dir '.*' has no usable image \(the folder is empty\)"))

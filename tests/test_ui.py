@@ -20,7 +20,7 @@ from tinv_ui.errors import BusyError, ConfigError, InvalidNameError
 from tinv_ui.ui.errors import user_errors
 from tinv_ui.ui.forms import Form
 from tinv_ui.ui.generate_tab import insert_name
-from tinv_ui.ui.uploads import import_uploads, safe_file_name
+from tinv_ui.uploads import MANIFEST, import_uploads, safe_file_name
 
 
 # -- uploads ----------------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def test_import_uploads_copies_images_and_captions_only(tmp_path):
     assert result.folder.parent == outputs / "datasets"
     assert result.folder.name.startswith("my_emb-")
     assert (result.images, result.captions, result.ignored) == (3, 1, ("evil.sh",))
-    names = sorted(p.name for p in result.folder.iterdir())
+    names = sorted(p.name for p in result.folder.iterdir() if p.name != MANIFEST)
     assert names == sorted([images[0].name, images[1].name, images[0].with_suffix(".txt").name,
                             images[0].stem + "-1.png"])
     assert (result.folder / images[0].name).read_bytes() == images[0].read_bytes()

@@ -244,23 +244,47 @@ def load_dataset(
     Raises `DatasetError` when the folder is missing or has no usable image (listing what was skipped).
     """
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DatasetError(f"dataset_dir {str(folder)!r} is not a folder: give the folder of training images.")
-    regex = compile_filename_regex(filename_regex)
-    files, skipped = _candidates(folder)
-    images = []
-    for path in files:
-        try:
-            rgb, alpha, full = _load_image(path, train_size, keep_alpha)
-            images.append(DatasetImage(path, caption_for(path, regex, filename_join), rgb, alpha, full))
-        except _Skip as e:
-            skipped.append(f"{path.name}: {e}")
+    images, skipped = [], []
+    for item in read_dataset(folder, train_size, filename_regex, filename_join, keep_alpha):
+        (images if isinstance(item, DatasetImage) else skipped).append(item)
     if not images:
         listing = "; ".join(skipped) if skipped else "the folder is empty"
         raise DatasetError(f"dataset_dir {str(folder)!r} has no usable image ({listing}). Add png/jpg/webp images.")
     for line in skipped:
         log.info("dataset: skipped %s", line)
     return Dataset(folder, tuple(images), tuple(skipped))
+
+
+def read_dataset(
+    folder: str | Path,
+    train_size: tuple[int, int] | None,
+    filename_regex: str = "",
+    filename_join: str = " ",
+    keep_alpha: bool = False,
+) -> Iterator[DatasetImage | str]:
+    """`load_dataset` one file at a time, in its order: each usable image, or a skipped file's "name: reason".
+
+    The listing is checked first (a missing folder is a `DatasetError`, a bad regex a `ConfigError`); each
+    image is decoded only when it is asked for, so a caller can stop early and hold one image at a time (the
+    Train panel's dataset preview reads the folder exactly as training will, within a time limit).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"dataset_dir {str(folder)!r} is not a folder: give the folder of training images.")
+    regex = compile_filename_regex(filename_regex)
+    files, skipped = _candidates(folder)
+    return _read(files, skipped, train_size, regex, filename_join, keep_alpha)
+
+
+def _read(files: list[Path], skipped: list[str], train_size: tuple[int, int] | None,
+          regex: bounded_re.Pattern | None, join: str, keep_alpha: bool) -> Iterator[DatasetImage | str]:
+    yield from skipped
+    for path in files:
+        try:
+            rgb, alpha, full = _load_image(path, train_size, keep_alpha)
+            yield DatasetImage(path, caption_for(path, regex, join), rgb, alpha, full)
+        except _Skip as e:
+            yield f"{path.name}: {e}"
 
 
 # -- latent cache -------------------------------------------------------------------------------------------

@@ -78,11 +78,9 @@ def preflight(studio: Studio, cfg: TrainConfig, library, paths: Paths) -> Plan:
     clip = None
     if cfg.clip_grad_mode != ClipGrad.DISABLED:
         clip = parse_schedule(cfg.clip_grad_value, cfg.max_steps, emb.step or 0, "clip_grad_value")
-    template: Template = load_template(cfg.template)
-    template.check()
-    builder = PromptBuilder(template, emb.name, cfg.shuffle_tags, cfg.tag_dropout)
-    size = None if cfg.keep_size else (cfg.width, cfg.height)
-    dataset = load_dataset(cfg.dataset_dir, size, cfg.filename_regex, cfg.filename_join, cfg.use_alpha_weight)
+    builder = prompt_builder(cfg, emb.name)
+    dataset = load_dataset(cfg.dataset_dir, train_size(cfg), cfg.filename_regex, cfg.filename_join,
+                           cfg.use_alpha_weight)
     usable = sdxl.library_pairs(library) if studio.is_sdxl else library.vectors()
     others = {k: v for k, v in usable.items() if k.lower() != emb.name.lower()}
     _check_name_in_prompts(studio, builder, dataset, others, emb.num_vectors)
@@ -94,6 +92,19 @@ def preflight(studio: Studio, cfg: TrainConfig, library, paths: Paths) -> Plan:
     notes += (order_note,) if order_note else ()
     return Plan(cfg, emb, path, start_file, others, hashes, lr, clip, builder, dataset, out_dir, seed, sidecar,
                 notes)
+
+
+def prompt_builder(cfg: TrainConfig, name: str) -> PromptBuilder:
+    """The run's prompts: `cfg.template` loaded and checked, filled for the embedding `name` (also what the
+    Train panel's dataset preview shows)."""
+    template: Template = load_template(cfg.template)
+    template.check()
+    return PromptBuilder(template, name, cfg.shuffle_tags, cfg.tag_dropout)
+
+
+def train_size(cfg: TrainConfig) -> tuple[int, int] | None:
+    """The size images are resized to, or None with `keep_size` (each its own size, in buckets)."""
+    return None if cfg.keep_size else (cfg.width, cfg.height)
 
 
 def _find_embedding(studio: Studio, cfg: TrainConfig, library) -> tuple[Embedding, Path]:

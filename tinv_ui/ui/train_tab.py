@@ -24,9 +24,9 @@ from ..jobs import JobStatus
 from ..templates import find_template, list_templates
 from .compare_steps import build_compare_tab
 from .context import UIContext, progress_html
+from .dataset_preview import build_upload_area, wire_dataset_area
 from .errors import user_errors
 from .forms import Form
-from .uploads import import_uploads
 
 POLL_SECONDS = 1.0
 MAX_PLOT_POINTS = 1000  # the loss curve is downsampled beyond this many steps
@@ -38,7 +38,7 @@ class TrainTab:
     embedding: gr.Dropdown
     refresh: gr.Button
     form: Form
-    folder_upload: gr.File
+    folder_upload: gr.UploadButton
     files_upload: gr.File
     upload_note: gr.Markdown
     start: gr.Button
@@ -91,7 +91,7 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
     with gr.Row():
         with gr.Column(scale=6):
             embedding, refresh = _embedding_row(ctx, form)
-            folder_upload, files_upload, upload_note = _dataset_inputs(form)
+            dataset = build_upload_area(form)
             _main_settings(ctx, form, ctx.native_resolution)
             with gr.Accordion("Advanced", open=False):
                 _advanced_settings(ctx, form)
@@ -110,10 +110,11 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
                 saved = gr.Textbox(label="Last saved file", interactive=False, buttons=["copy"], elem_id="tinv-train-saved")
                 message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
             build_compare_tab(ctx)
-    tab = TrainTab(embedding, refresh, form, folder_upload, files_upload, upload_note, start, interrupt, progress,
+    tab = TrainTab(embedding, refresh, form, dataset.folder, dataset.files, dataset.note, start, interrupt, progress,
                    gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS), last_prompt=last_prompt,
                    newest=newest)
     _wire(ctx, tab)
+    wire_dataset_area(ctx, form, embedding, dataset, check_paths)
     return tab
 
 
@@ -132,24 +133,10 @@ def _wire(ctx: UIContext, tab: TrainTab) -> None:
         ctx.runner.start(cfg)
         return f"Training {cfg.embedding} started.", {}  # an empty `seen` makes the next poll redraw everything
 
-    @user_errors
-    def import_dataset(files: list[str] | None, name: str | None) -> tuple[Any, str]:
-        if not files:
-            return gr.skip(), ""
-        imported = import_uploads(files, ctx.paths.outputs_dir, label=name or "")
-        ignored = f"; ignored {len(imported.ignored)} other file(s)" if imported.ignored else ""
-        note = f"Copied {imported.images} image(s) and {imported.captions} caption(s) to `{imported.folder}`{ignored}."
-        if not imported.images:
-            note += " **No images: drop PNG, JPG, WebP or other image files to train on.**"
-        return str(imported.folder), note
-
     tab.timer.tick(poll, inputs=tab.seen, outputs=tab.watch_outputs, show_progress="hidden", api_name="poll_training")
     tab.refresh.click(lambda: _embedding_update(ctx), outputs=tab.embedding, api_name="refresh_train_embeddings")
     template = form.components["template"]
     template.focus(lambda: gr.Dropdown(choices=template_choices(ctx)), outputs=template, api_visibility="private")
-    for upload in (tab.folder_upload, tab.files_upload):
-        upload.upload(import_dataset, inputs=[upload, tab.embedding], outputs=[form.components["dataset_dir"], tab.upload_note],
-                      api_visibility="private")
     tab.start.click(start_training, inputs=form.inputs, outputs=[tab.message, tab.seen], api_name="start_training").success(
         poll, inputs=tab.seen, outputs=tab.watch_outputs, show_progress="hidden", api_visibility="private"
     )
@@ -165,17 +152,6 @@ def _embedding_row(ctx: UIContext, form: Form) -> tuple[gr.Dropdown, gr.Button]:
         ))
         refresh = gr.Button("Refresh", scale=0, min_width=100, elem_classes="tinv-side-button")
     return embedding, refresh
-
-
-def _dataset_inputs(form: Form) -> tuple[gr.File, gr.File, gr.Markdown]:
-    with gr.Group():
-        with gr.Row():
-            folder_upload = gr.File(file_count="directory", label="Drop a folder of images", height=120, elem_id="tinv-upload-folder")
-            files_upload = gr.File(file_count="multiple", file_types=["image", ".txt"], label="...or images (+ .txt captions)", height=120, elem_id="tinv-upload-files")
-        form.add("dataset_dir", "Dataset folder", placeholder="/path/to/images",
-                 info="Uploads are copied to outputs/datasets/ and this field is filled in; or type a folder on this machine.")
-    note = gr.Markdown("")
-    return folder_upload, files_upload, note
 
 
 def _main_settings(ctx: UIContext, form: Form, res: int) -> None:
