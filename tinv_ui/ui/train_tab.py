@@ -89,7 +89,7 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
             embedding, refresh = _embedding_row(ctx, form)
             folder_upload, files_upload, upload_note = _dataset_inputs(form)
             _main_settings(ctx, form, ctx.native_resolution)
-            with gr.Accordion("Advanced", open=False):
+            with gr.Accordion("Advanced", open=False, elem_id="tinv-train-advanced"):
                 _advanced_settings(ctx, form)
             with gr.Row():
                 start = gr.Button("Start training", variant="primary")
@@ -218,6 +218,7 @@ def _advanced_settings(ctx: UIContext, form: Form) -> None:
     with gr.Row():
         form.add("save_optimizer_state", "Save optimizer state (.optim)")
         form.add("gradient_checkpointing", "Gradient checkpointing")
+        form.add("save_image_with_stored_embedding", "Save images with embedding in PNG chunks")
     with gr.Row():
         form.add("xformers", "xformers attention", value=ctx.xformers)
         form.add("compile", "torch.compile")
