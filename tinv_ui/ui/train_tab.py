@@ -29,7 +29,7 @@ from .uploads import import_uploads
 
 POLL_SECONDS = 1.0
 MAX_PLOT_POINTS = 1000  # the loss curve is downsampled beyond this many steps
-MAX_GALLERY = 24  # newest previews shown
+MAX_GALLERY = 12  # newest previews shown (three rows, all in view: the gallery grows, it does not scroll)
 
 
 @dataclass
@@ -97,9 +97,9 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
         with gr.Column(scale=5), gr.Tabs(elem_id="tinv-train-views"):
             with gr.Tab("Current run", id="current", elem_id="tinv-train-current"):
                 progress = gr.HTML(progress_html(0, 0, "No training run yet.", "idle"), elem_id="tinv-train-progress")
-                gallery = gr.Gallery(label="Previews", format="png", columns=4, fit_columns=False, height=260,
+                gallery = gr.Gallery(label="Previews", format="png", columns=4, fit_columns=False, height="auto",
                                      object_fit="contain", elem_id="tinv-train-previews")
-                plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
+                plot = gr.LinePlot(None, x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
                 saved = gr.Textbox(label="Last saved file", interactive=False, buttons=["copy"], elem_id="tinv-train-saved")
                 message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
     tab = TrainTab(embedding, refresh, form, folder_upload, files_upload, upload_note, start, interrupt, progress,
@@ -240,11 +240,15 @@ def interrupt_training(ctx: UIContext) -> str:
     return "Interrupting: the embedding is saved at the current step."
 
 
-def _loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
+def _loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame | None:
+    """The loss curve's points; None (no chart) before the first step: vega warns "Infinite extent" on every
+    page load and poll when it is given an empty frame."""
+    if not losses:
+        return None
     if len(losses) > MAX_PLOT_POINTS:
         stride = -(-len(losses) // MAX_PLOT_POINTS)
         losses = losses[::stride] + [losses[-1]]
-    # Explicit dtypes: an empty frame would be typed `object` and plotted as categories.
+    # Explicit dtypes: steps are whole numbers, losses floats, however the list was built.
     frame = pd.DataFrame(losses, columns=["step", "loss"])
     return frame.astype({"step": "int64", "loss": "float64"})
 
