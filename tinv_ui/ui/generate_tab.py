@@ -56,7 +56,7 @@ def build_generate_tab(ctx: UIContext) -> GenerateTab:
             seed_used = gr.Markdown("", elem_id="tinv-seed-used")
     with gr.Row():
         insert = gr.Dropdown(ctx.embedding_names(), value=None, label="Insert embedding", allow_custom_value=True, scale=4,
-                             info="Pick one to add its name to the prompt.", elem_id="tinv-insert-embedding")
+                             info="Pick one to put its name in the prompt at the cursor.", elem_id="tinv-insert-embedding")
         refresh = gr.Button("Refresh", scale=0, min_width=100, elem_classes="tinv-side-button")
     caret = gr.Textbox("", visible=False, elem_id="tinv-prompt-caret")
     report = library_report(ctx.library)
