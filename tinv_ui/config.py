@@ -207,6 +207,10 @@ class TrainConfig:
     preview_sampler: str = knob("Euler a", "Sampler for the preview images (the Generate panel's list).")
     seed: int = knob(-1, "Training seed; -1 = random.")
     save_optimizer_state: bool = knob(True, "Write an A1111 .optim sidecar so a resumed run keeps its AdamW state.")
+    save_image_with_stored_embedding: bool = knob(False, "With each preview also write image_embeddings/<name>-<N>.png "
+                                                  "in the run folder: the preview carrying the embedding at step N "
+                                                  "(A1111's 'Save images with embedding in PNG chunks'; it loads in "
+                                                  "A1111 and here). Needs preview_every.")
     write_csv_every: int = knob(1, "Append to the loss CSV every N steps; 0 disables.", 0, 10_000_000)
     gradient_checkpointing: bool = knob(False, "Trade speed for memory on small GPUs.")
     compile: Compile = knob(Compile.AUTO, "torch.compile the UNet: auto (when the run is long enough to pay off), on, off.")

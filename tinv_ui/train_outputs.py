@@ -148,7 +148,26 @@ def render_preview(run: Run, step: int, prompt: str) -> Preview:
     path = run.plan.out_dir / "images" / f"{run.name}-{step}.png"
     with disk_full_is_a_training_error(path):
         generation.save_png(rendered[0].image, path, rendered[0].infotext)
+    if run.cfg.save_image_with_stored_embedding:
+        save_image_embedding(run, step, rendered[0].image)
     return Preview(step, (rendered[0].image,), gen_cfg.prompt, (path,))
+
+
+def image_embedding_path(plan: Plan, step: int) -> Path:
+    """`<out_dir>/image_embeddings/<name>-<N>.png` (A1111's folder and name)."""
+    return plan.out_dir / "image_embeddings" / f"{plan.name}-{step}.png"
+
+
+def save_image_embedding(run: Run, step: int, preview: Any) -> Path:
+    """The preview at step N with the embedding at step N inside it, as A1111's "Save images with embedding in
+    PNG chunks" writes it (modules/textual_inversion/image_embedding.py): the `sd-ti-embedding` text chunk and
+    the data in the pixels on both sides of the picture. A1111 also draws a caption over the picture; the data,
+    which is what A1111 and this app load, is encoded the same. Its internal name is `<name>-<N>`, like the copy's."""
+    path = image_embedding_path(run.plan, step)
+    emb = embedding_at(run, run.vectors, step, f"{run.name}-{step}")
+    with disk_full_is_a_training_error(path):
+        formats.write(emb, path, image=preview)
+    return path
 
 
 def _jsonable(value: Any) -> Any:
@@ -168,7 +187,7 @@ def write_settings(studio, plan: Plan) -> Path:
         "training_height": cfg.height, "steps": cfg.max_steps, "clip_grad_mode": cfg.clip_grad_mode.value,
         "clip_grad_value": cfg.clip_grad_value, "latent_sampling_method": cfg.latent_sampling.value,
         "create_image_every": cfg.preview_every, "save_embedding_every": cfg.save_every,
-        "save_image_with_stored_embedding": False, "template_file": str(plan.prompts.template.path),
+        "save_image_with_stored_embedding": cfg.save_image_with_stored_embedding, "template_file": str(plan.prompts.template.path),
         "initial_step": plan.initial_step, "preview_prompt": cfg.preview_prompt,
         "preview_negative_prompt": cfg.preview_negative_prompt, "preview_steps": cfg.preview_steps,
         "preview_sampler_name": cfg.preview_sampler, "preview_cfg_scale": cfg.preview_cfg,

@@ -238,6 +238,7 @@ def _check_disk(cfg: TrainConfig, emb: Embedding, out_dir: Path, final_path: Pat
     per_copy = file_bytes * (3 if cfg.save_optimizer_state else 1)  # .optim holds AdamW's two moments
     copies = steps // cfg.save_every if cfg.save_every else 0
     previews = steps // cfg.preview_every if cfg.preview_every else 0
+    previews *= 2 if cfg.save_image_with_stored_embedding else 1  # image_embeddings/: the preview again, with the data
     need = copies * per_copy + previews * (cfg.width * cfg.height * 3 + 4096) + steps * 64 + 2 * per_copy
     for folder in {existing_parent(out_dir), existing_parent(final_path.parent)}:
         free = shutil.disk_usage(folder).free
@@ -288,7 +289,8 @@ def remove_stale_temp_files(plan: Plan) -> None:
     own = {plan.path.name, formats.optim_path(plan.path).name}
     folders: list[tuple[Path, set[str] | None]] = [(plan.path.parent, own)]
     for run_dir in {plan.out_dir, *_run_folders(plan.out_dir.parent.parent, plan.name)}:
-        folders += [(run_dir, None), (run_dir / "embeddings", None), (run_dir / "images", None)]
+        folders += [(run_dir, None), (run_dir / "embeddings", None), (run_dir / "images", None),
+                    (run_dir / "image_embeddings", None)]
     for folder, targets in folders:
         if not folder.is_dir():
             continue

@@ -19,7 +19,7 @@ from ..confine import Confinement, is_loopback
 from ..jobs import TrainingRunner
 from ..library import EmbeddingLibrary
 from ..studio import Studio
-from .context import CSS, UIContext, library_report
+from .context import CSS, HEAD, UIContext, library_report
 from .create_tab import build_create_tab
 from .generate_tab import GenerateTab, build_generate_tab
 from .model_picker import build_model_picker, page_model_state, wire_load
@@ -109,6 +109,7 @@ def launch(
         prevent_thread_lock=prevent_thread_lock,
         theme=gr.themes.Soft(),
         css=CSS,
+        head=HEAD,
         footer_links=["api", "settings"],
         # Previews, saved images and uploaded datasets live here; Gradio serves only allowed folders.
         allowed_paths=[str(paths.outputs_dir.resolve())],

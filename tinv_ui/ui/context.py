@@ -101,4 +101,20 @@ CSS = """
 #tinv-header h1 { margin: 0; font-size: 1.4em; }
 #tinv-model-status p { margin: 0; }
 .tinv-side-button { align-self: flex-end; margin-bottom: 10px; }
+/* In a group, side-by-side blocks of unequal height (a filled upload zone beside an empty one) fill the row,
+   so no strip of the group's grey background shows under the shorter one. */
+.gr-group .row > .block, .gr-group .row > .form { align-self: stretch; }
+/* Advanced settings: at least 220px per field, so a row of three wraps to two before labels wrap to three lines. */
+#tinv-train-advanced .form > .block { min-width: min(220px, 100%) !important; }
 """
+
+# Gradio's client stands in for EventSource with an object whose close() only says console.warn("Method not
+# implemented."); every file upload closes one (its progress stream), two warnings per upload. The stream has
+# ended by then, so nothing is lost: those exact warnings are dropped, every other message is kept.
+# (gradio-app/gradio issue #12002.)
+HEAD = """<script>
+(() => {
+  const warn = console.warn.bind(console);
+  console.warn = (...args) => { if (!(args.length === 1 && args[0] === "Method not implemented.")) warn(...args); };
+})();
+</script>"""

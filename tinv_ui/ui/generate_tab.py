@@ -15,6 +15,7 @@ import gradio as gr
 from .. import generation
 from ..config import SAMPLERS, GenerateConfig
 from ..events import Generated, Step, format_duration
+from ..prompt_edit import insert_at
 from .context import UIContext, library_report, progress_html
 from .errors import user_errors
 from .forms import Form
@@ -26,6 +27,7 @@ LIST_REFRESH_SECONDS = 3.0
 class GenerateTab:
     form: Form
     insert: gr.Dropdown
+    caret: gr.Textbox  # hidden: the prompt's selection "start,end" read in the browser when a name is picked
     refresh: gr.Button
     library_info: gr.Markdown
     button: gr.Button
@@ -54,8 +56,9 @@ def build_generate_tab(ctx: UIContext) -> GenerateTab:
             seed_used = gr.Markdown("", elem_id="tinv-seed-used")
     with gr.Row():
         insert = gr.Dropdown(ctx.embedding_names(), value=None, label="Insert embedding", allow_custom_value=True, scale=4,
-                             info="Pick one to add its name to the prompt.", elem_id="tinv-insert-embedding")
+                             info="Pick one to put its name in the prompt at the cursor.", elem_id="tinv-insert-embedding")
         refresh = gr.Button("Refresh", scale=0, min_width=100, elem_classes="tinv-side-button")
+    caret = gr.Textbox("", visible=False, elem_id="tinv-prompt-caret")
     report = library_report(ctx.library)
     library_info = gr.Markdown(report, elem_id="tinv-library-info")
     with gr.Row():
@@ -66,7 +69,7 @@ def build_generate_tab(ctx: UIContext) -> GenerateTab:
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=380, object_fit="contain", elem_id="tinv-gallery")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, buttons=["copy"],
                                   elem_id="tinv-infotext")
-    tab = GenerateTab(form, insert, refresh, library_info, button, progress, gallery, infotext, seed_used,
+    tab = GenerateTab(form, insert, caret, refresh, library_info, button, progress, gallery, infotext, seed_used,
                       gr.State([]), gr.State(report), gr.Timer(LIST_REFRESH_SECONDS))
     _wire(ctx, tab)
     return tab
@@ -86,7 +89,8 @@ def _wire(ctx: UIContext, tab: GenerateTab) -> None:
 
     tab.button.click(generate, inputs=form.inputs, outputs=tab.result_outputs, concurrency_id="gpu", api_name="generate")
     prompt.submit(generate, inputs=form.inputs, outputs=tab.result_outputs, concurrency_id="gpu", api_visibility="private")
-    tab.insert.input(insert_name, inputs=[prompt, tab.insert], outputs=[prompt, tab.insert], api_visibility="private")
+    tab.insert.input(insert_name, inputs=[prompt, tab.insert, tab.caret], outputs=[prompt, tab.insert, tab.caret],
+                     js=READ_CARET, api_visibility="private").then(None, inputs=tab.caret, js=PLACE_CARET)
     tab.gallery.select(_selected_infotext, inputs=tab.infotexts, outputs=tab.infotext, api_visibility="private")
     list_outputs = [tab.insert, tab.library_info, tab.report_shown]
     for trigger in (tab.timer.tick, tab.insert.focus):
@@ -142,18 +146,35 @@ def _seed_text(seeds: list[int]) -> str:
     return f"Seed used: **{seeds[0]}**" + (f" (to {seeds[-1]})" if len(seeds) > 1 else "")
 
 
-def insert_name(prompt: str, name: str | None) -> tuple[str, Any]:
-    """Append `name` to the prompt (with a comma when needed) and reset the picker."""
+# The prompt box keeps its selection when the picker takes the focus: read it as the name is picked, and put
+# the caret after the inserted name afterwards, so a second pick lands after the first.
+READ_CARET = """(prompt, name, caret) => {
+  const box = document.querySelector("#tinv-generate-prompt textarea");
+  return [prompt, name, box ? box.selectionStart + "," + box.selectionEnd : ""];
+}"""
+PLACE_CARET = """(caret) => {
+  const box = document.querySelector("#tinv-generate-prompt textarea");
+  const at = parseInt(caret, 10);
+  if (box && at >= 0) { box.focus(); box.setSelectionRange(at, at); }
+}"""
+
+
+def insert_name(prompt: str, name: str | None, caret: str = "") -> tuple[Any, Any, Any]:
+    """[prompt, picker, caret]: `name` put at the prompt's caret "start,end" (the end when unknown) with
+    separators (`prompt_edit.insert_at`), the picker reset, the caret just after the name."""
     if not name:
-        return gr.skip(), gr.skip()
-    prompt = (prompt or "").rstrip()
-    if not prompt or prompt.endswith("("):
-        sep = ""
-    elif prompt.endswith(","):
-        sep = " "
-    else:
-        sep = ", "
-    return f"{prompt}{sep}{name}", gr.Dropdown(value=None)
+        return gr.skip(), gr.skip(), gr.skip()
+    start, end = _caret(caret)
+    text, after = insert_at(prompt or "", name, start, end)
+    return text, gr.Dropdown(value=None), str(after)
+
+
+def _caret(caret: str) -> tuple[int | None, int | None]:
+    """(start, end) from the browser's "start,end"; (None, None) when it is missing or not two numbers."""
+    parts = str(caret or "").split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and len(p.strip()) < 10 for p in parts):
+        return None, None
+    return int(parts[0]), int(parts[1])
 
 
 def embedding_list_update(ctx: UIContext, shown: str, force: bool = False) -> list[Any]:

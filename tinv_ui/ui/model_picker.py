@@ -134,7 +134,8 @@ def wire_load(ctx: UIContext, picker: ModelPicker):
     """Wire the Load button; returns the load event so the app can chain dropdown refreshes after it.
 
     The status line says "Loading …" at once (no queue), then shows the loaded model, or, when the load
-    fails, the model that is still loaded (the error itself is a toast).
+    fails, the model that is still loaded with the reason the other was not (the error is also a toast), and
+    the picker goes back to the loaded model: it never shows a model that is not the one in use.
     """
     shown = picker.load.click(lambda source: loading_message(ctx, source), inputs=picker.dropdown,
                               outputs=picker.status, queue=False, api_visibility="private")
@@ -145,5 +146,6 @@ def wire_load(ctx: UIContext, picker: ModelPicker):
         concurrency_id="gpu",
         api_name="load_model",
     )
-    event.failure(lambda: model_status(ctx), outputs=picker.status, queue=False, api_visibility="private")
+    event.failure(lambda: page_model_state(ctx), outputs=[picker.dropdown, picker.status], queue=False,
+                  api_visibility="private")
     return event

@@ -30,7 +30,7 @@ from .forms import Form
 
 POLL_SECONDS = 1.0
 MAX_PLOT_POINTS = 1000  # the loss curve is downsampled beyond this many steps
-MAX_GALLERY = 24  # newest previews shown
+MAX_GALLERY = 12  # newest previews shown (three rows, all in view: the gallery grows, it does not scroll)
 
 
 @dataclass
@@ -93,7 +93,7 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
             embedding, refresh = _embedding_row(ctx, form)
             dataset = build_upload_area(form)
             _main_settings(ctx, form, ctx.native_resolution)
-            with gr.Accordion("Advanced", open=False):
+            with gr.Accordion("Advanced", open=False, elem_id="tinv-train-advanced"):
                 _advanced_settings(ctx, form)
             with gr.Row():
                 start = gr.Button("Start training", variant="primary")
@@ -104,9 +104,9 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
                 last_prompt = gr.Textbox(label="Last training prompt", interactive=False, elem_id="tinv-train-prompt")
                 newest = gr.Image(label="Newest preview", type="filepath", interactive=False, height=320,
                                   visible=False, elem_id="tinv-train-newest")
-                gallery = gr.Gallery(label="Previews", format="png", columns=4, fit_columns=False, height=260,
+                gallery = gr.Gallery(label="Previews", format="png", columns=4, fit_columns=False, height="auto",
                                      object_fit="contain", elem_id="tinv-train-previews")
-                plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
+                plot = gr.LinePlot(None, x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
                 saved = gr.Textbox(label="Last saved file", interactive=False, buttons=["copy"], elem_id="tinv-train-saved")
                 message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
             build_compare_tab(ctx)
@@ -203,6 +203,7 @@ def _advanced_settings(ctx: UIContext, form: Form) -> None:
     with gr.Row():
         form.add("save_optimizer_state", "Save optimizer state (.optim)")
         form.add("gradient_checkpointing", "Gradient checkpointing")
+        form.add("save_image_with_stored_embedding", "Save images with embedding in PNG chunks")
     with gr.Row():
         form.add("xformers", "xformers attention", value=ctx.xformers)
         form.add("compile", "torch.compile")
@@ -224,11 +225,15 @@ def interrupt_training(ctx: UIContext) -> str:
     return "Interrupting: the embedding is saved at the current step."
 
 
-def _loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
+def _loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame | None:
+    """The loss curve's points; None (no chart) before the first step: vega warns "Infinite extent" on every
+    page load and poll when it is given an empty frame."""
+    if not losses:
+        return None
     if len(losses) > MAX_PLOT_POINTS:
         stride = -(-len(losses) // MAX_PLOT_POINTS)
         losses = losses[::stride] + [losses[-1]]
-    # Explicit dtypes: an empty frame would be typed `object` and plotted as categories.
+    # Explicit dtypes: steps are whole numbers, losses floats, however the list was built.
     frame = pd.DataFrame(losses, columns=["step", "loss"])
     return frame.astype({"step": "int64", "loss": "float64"})
 
