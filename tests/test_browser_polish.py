@@ -125,18 +125,27 @@ def test_loading_the_page_and_uploading_a_folder_log_no_vega_or_upload_noise(app
         page.close()
 
 
-def test_a_filled_upload_zone_beside_an_empty_one_leaves_no_grey_band(page, tmp_path):
+def test_the_upload_area_leaves_no_grey_band_under_its_zones(page, tmp_path):
+    """The drop zone and the folder button's column are white blocks on the group's grey: each reaches the row's
+    bottom, on an empty page and after a folder upload (which fills the folder field and the note)."""
     from playwright.sync_api import expect
 
     folder = tmp_path / "band images"
     write_images(folder, 3, captions=True)
     page.get_by_role("tab", name="Train").click()
+
+    def check_no_band() -> None:
+        row_box = box(page.locator("#tinv-upload-files").locator("xpath=.."))
+        for zone in ("#tinv-upload-files", "#tinv-upload-folder"):
+            zone_box = box(page.locator(zone))
+            assert zone_box["y"] + zone_box["height"] == pytest.approx(row_box["y"] + row_box["height"], abs=1), zone
+
+    expect(page.locator("#tinv-upload-files")).to_be_visible()
+    check_no_band()
     page.locator("#tinv-upload-folder input[type=file]").set_input_files(str(folder))
-    expect(page.locator("#tinv-upload-folder")).to_contain_text(".png")  # the file list is taller than the empty zone
-    row_box = box(page.locator("#tinv-upload-folder").locator("xpath=.."))
-    for zone in ("#tinv-upload-folder", "#tinv-upload-files"):
-        zone_box = box(page.locator(zone))  # white blocks on the group's grey: each reaches the row's bottom
-        assert zone_box["y"] + zone_box["height"] == pytest.approx(row_box["y"] + row_box["height"], abs=1), zone
+    expect(page.locator("#tinv-upload-note")).to_contain_text("3 image(s)", timeout=30_000)
+    check_no_band()
+    page.screenshot(path=str(tmp_path / "band.png"))
 
 
 # -- item 10: model picker ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from tinv_ui import formats, image_embedding
 from tinv_ui.config import CreateConfig, TrainConfig
 from tinv_ui.create import create_embedding
 from tinv_ui.errors import TrainingError
+from tinv_ui.events import Started
 from tinv_ui.library import EmbeddingLibrary
 from tinv_ui.training import train
 
@@ -36,7 +37,7 @@ def config(images, **kw) -> TrainConfig:
 
 def run(studio, paths, cfg) -> Path:
     events = list(train(studio, cfg, EmbeddingLibrary(paths.embeddings_dir), paths))
-    return events[0].log_dir
+    return next(e for e in events if isinstance(e, Started)).log_dir
 
 
 def settings_of(log_dir: Path) -> dict:
