@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import confine
 from ..config import SAMPLERS, TrainConfig, field_help
-from ..errors import ConfigError
+from ..errors import ConfigError, TinvError
 from ..events import format_duration
 from ..fileio import display_path, folder_problem
 from ..jobs import JobStatus
@@ -25,6 +25,7 @@ from ..templates import find_template, list_templates
 from .context import UIContext, progress_html
 from .errors import user_errors
 from .forms import Form
+from .train_form_state import TrainFormState, build_form_state, wire_form_state
 from .uploads import import_uploads
 
 POLL_SECONDS = 1.0
@@ -49,6 +50,7 @@ class TrainTab:
     message: gr.Textbox
     seen: gr.State  # what this browser tab already shows of the job (so polls send only changes)
     timer: gr.Timer
+    form_state: TrainFormState
 
     @property
     def watch_outputs(self) -> list:
@@ -94,6 +96,7 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
             with gr.Row():
                 start = gr.Button("Start training", variant="primary")
                 interrupt = gr.Button("Interrupt", variant="stop")
+            form_state = build_form_state(ctx)
         with gr.Column(scale=5), gr.Tabs(elem_id="tinv-train-views"):
             with gr.Tab("Current run", id="current", elem_id="tinv-train-current"):
                 progress = gr.HTML(progress_html(0, 0, "No training run yet.", "idle"), elem_id="tinv-train-progress")
@@ -103,8 +106,9 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
                 saved = gr.Textbox(label="Last saved file", interactive=False, buttons=["copy"], elem_id="tinv-train-saved")
                 message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
     tab = TrainTab(embedding, refresh, form, folder_upload, files_upload, upload_note, start, interrupt, progress,
-                   gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS))
+                   gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS), form_state)
     _wire(ctx, tab)
+    wire_form_state(ctx, tab)
     return tab
 
 
@@ -119,8 +123,11 @@ def _wire(ctx: UIContext, tab: TrainTab) -> None:
     def start_training(data: dict) -> tuple[str, dict]:
         ctx.runner.check_idle()  # "already running" matters more than this tab's settings
         cfg = form.config(data)
-        check_paths(ctx, cfg)
-        ctx.runner.start(cfg)
+        try:  # every check of the settings, pre-flight's too, answers here with the field's label
+            check_paths(ctx, cfg)
+            ctx.runner.start(cfg)
+        except TinvError as e:
+            raise type(e)(form.labelled(str(e))) from None
         return f"Training {cfg.embedding} started.", {}  # an empty `seen` makes the next poll redraw everything
 
     @user_errors
