@@ -89,6 +89,12 @@ def test_the_form_follows_the_running_job_and_remembers_the_last_settings_across
             expect(field(page, "tinv-train-preview_steps")).to_have_value("1")
             expect(page.locator(outlook)).to_contain_text(f"Start continues follow from step {step} to 400")
             expect(page.locator(outlook)).to_contain_text(re.compile(r"Settings of the run of \d{4}-\d\d-\d\d \d\d:\d\d\."))
+            # The embedding created again (overwrite): the line follows the file, a new run from step 0.
+            page.get_by_role("tab", name="Create embedding").click()
+            page.locator("#tinv-create-overwrite input").check()
+            create(page, "follow")
+            page.get_by_role("tab", name="Train").click()
+            expect(page.locator(outlook)).to_contain_text("Start begins a new run of follow: steps 0 → 400.")
             page.close()
 
 

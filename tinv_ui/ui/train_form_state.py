@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -145,4 +146,13 @@ def _outlook_key(ctx: UIContext, name: str | None, max_steps: Any, log_dir: str 
     snap = job.snapshot() if job is not None else None
     running = snap is not None and snap.status == JobStatus.RUNNING
     job_state = [id(job), snap.status.value, snap.step if running else None] if snap else None
-    return [name, max_steps, log_dir, job_state]
+    return [name, max_steps, log_dir, job_state, _file_version(ctx, name)]
+
+
+def _file_version(ctx: UIContext, name: str | None) -> list[int] | None:
+    """The embedding file's size and time: a file replaced outside a run (Create, a copy put back) moves its step."""
+    try:
+        stat = Path(ctx.library.get(name or "").path).stat()
+    except (TinvError, OSError):
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
