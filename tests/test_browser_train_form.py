@@ -66,7 +66,7 @@ def test_the_form_follows_the_running_job_and_remembers_the_last_settings_across
             expect(field(again, "tinv-train-dataset_dir")).to_have_value(str(data))
             expect(again.locator(outlook)).to_contain_text(
                 re.compile(r"A run of this embedding is in progress \(step \d+/400\): Start is refused"))
-            expect(again.locator(outlook)).to_contain_text("Settings of the running run.")
+            expect(again.locator(outlook)).to_contain_text("Settings of the run in progress.")
             again.get_by_role("button", name="Interrupt").click()
             progress = again.locator("#tinv-train-progress")
             expect(progress).to_contain_text(re.compile(r"step \d+/400 · interrupted"), timeout=30_000)

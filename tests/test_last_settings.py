@@ -62,7 +62,7 @@ def test_the_job_wins_then_the_newest_settings_file_then_nothing(tmp_path):
 
     job_cfg = TrainConfig(embedding="emb", dataset_dir="/d", max_steps=400, preview_every=5)
     assert remembered_settings("emb", job_cfg, True, root).values["max_steps"] == 400
-    assert remembered_settings("emb", job_cfg, True, root).source == "the running run"
+    assert remembered_settings("emb", job_cfg, True, root).source == "the run in progress"
     assert remembered_settings("other", job_cfg, False, root).values["max_steps"] == 999  # the job trains another
     assert remembered_settings("new-one", job_cfg, False, root).values == {}
     assert remembered_settings("emb", None, False, tmp_path / "missing").source == ""

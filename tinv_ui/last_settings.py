@@ -41,7 +41,7 @@ def remembered_settings(name: str, job_cfg: TrainConfig | None, job_running: boo
     `name`, else the newest run of `name` under `log_root` that recorded its settings, else none."""
     if job_cfg is not None and job_cfg.embedding.lower() == name.strip().lower():
         values = {k: _shown(v) for k, v in asdict(job_cfg).items() if k not in NOT_REMEMBERED}
-        return Remembered(values, "the running run" if job_running else "the last run")
+        return Remembered(values, "the run in progress" if job_running else "the last run")
     run = newest_run(log_root, name)
     if run is None:
         return Remembered({}, "")
