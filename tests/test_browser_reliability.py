@@ -181,17 +181,20 @@ def test_dataset_problems_are_explained_before_training(app, page, tmp_path):
                                        r"or a \.txt caption\): (notes\.pdf, song\.mp3|song\.mp3, notes\.pdf)"))).to_be_visible()
     expect(page.get_by_text("No images: drop PNG, JPG, WebP")).to_be_visible()
     start_training(page, "ds-emb", "")
-    expect(message).to_have_value(re.compile(r"dataset_dir '.*' has no usable image \(the folder is empty\)"))
-    expect(progress).to_contain_text("failed")
+    expect(toast(page)).to_contain_text(re.compile(r"Dataset folder: dataset_dir '.*' has no usable image \(the folder is empty\)"))
+    expect(progress).not_to_contain_text("failed")  # refused before a run starts: no failed job
+    close_toasts(page)
 
     # A typed path to an empty folder, then a folder of non-images: the same, naming the files.
     empty = tmp_path / "empty"
     empty.mkdir()
     start_training(page, "ds-emb", str(empty))
-    expect(message).to_have_value(re.compile(r"dataset_dir '.*empty' has no usable image \(the folder is empty\)"))
+    expect(toast(page)).to_contain_text(re.compile(r"dataset_dir '.*empty' has no usable image \(the folder is empty\)"))
+    close_toasts(page)
     (empty / "a.pdf").write_bytes(b"%PDF")
     start_training(page, "ds-emb", str(empty))
-    expect(message).to_have_value(re.compile(r"no usable image \(a.pdf: not an image\)"))
+    expect(toast(page)).to_contain_text(re.compile(r"no usable image \(a.pdf: not an image\)"))
+    close_toasts(page)
 
     # A template without [name]: refused, naming the line.
     good = tmp_path / "good"
@@ -201,7 +204,9 @@ def test_dataset_problems_are_explained_before_training(app, page, tmp_path):
     bad_template = tmp_path / "no-name.txt"
     bad_template.write_text("a photo of a thing\n", encoding="utf-8")
     start_training(page, "ds-emb", str(good), template=str(bad_template))
-    expect(message).to_have_value(re.compile(r"\[name\]"))
+    expect(toast(page)).to_contain_text(re.compile(r"Prompt template: .*\[name\]"))
+    close_toasts(page)
+    expect(message).to_have_value("")  # the job panel shows no job: none was started
     assert (app.dirs["embeddings"] / "ds-emb.pt").read_bytes() == before  # nothing touched by refused runs
 
     # A corrupt image among good ones: the run goes on and says what it skipped.

@@ -10,7 +10,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from tinv_ui import formats
 from tinv_ui.config import CreateConfig, GenerateConfig, TrainConfig
 from tinv_ui.create import create_embedding
-from tinv_ui.errors import BusyError
+from tinv_ui.errors import BusyError, ConfigError, DatasetError, TinvError
 from tinv_ui.generation import render
 from tinv_ui.jobs import TrainingRunner
 from tinv_ui.library import EmbeddingLibrary
@@ -94,15 +94,20 @@ def test_generation_takes_the_lock_between_training_steps(runner, images, studio
     assert all(holder.startswith(f"training {NAME} (step ") for holder in steps)  # each step holds the lock
 
 
-def test_failures_are_captured_in_the_snapshot(runner, images, tmp_path):
-    job = runner.start(config(images, embedding="missing-one"))
-    assert job.wait(60)
-    snap = job.snapshot()
-    assert snap.status == "failed" and "'missing-one' is not loaded" in snap.message
+def test_pre_flight_errors_are_raised_by_start_and_leave_the_last_job_current(runner, images, tmp_path):
+    # A wrong setting is the caller's to show next to the form; it must not become a "failed" job that
+    # replaces the one the panel shows.
+    first = runner.start(config(images))
+    assert first.wait(60) and first.snapshot().status == "finished"
+    with pytest.raises(TinvError, match="'missing-one' is not loaded"):
+        runner.start(config(images, embedding="missing-one"))
     (tmp_path / "empty").mkdir()
-    job = runner.start(config(tmp_path / "empty"))
-    assert job.wait(60)
-    assert job.snapshot().status == "failed" and "no usable image" in job.snapshot().message
+    with pytest.raises(DatasetError, match="no usable image"):
+        runner.start(config(tmp_path / "empty", max_steps=5))
+    with pytest.raises(ConfigError, match="max_steps is 4, but 'jobemb' has already been trained for 4 steps"):
+        runner.start(config(images))
+    assert runner.current is first and first.snapshot().status == "finished"
+    assert not [t for t in threading.enumerate() if t.name == f"tinv-train-{NAME}"]
 
 
 def test_a_nan_run_fails_with_the_reason_and_keeps_the_file(runner, images, paths, monkeypatch):

@@ -74,6 +74,15 @@ def _check_ranges(obj: Any) -> None:
             raise ConfigError(f"{f.name} is {value}; it must be at most {hi}.")
 
 
+def _check_choice(obj: Any, name: str, choices: type[enum.Enum]) -> None:
+    """Field `name` as a member of `choices`, or a `ConfigError` that lists them (values arrive as text)."""
+    try:
+        object.__setattr__(obj, name, choices(getattr(obj, name)))
+    except ValueError:
+        raise ConfigError(f"{name} is {str(getattr(obj, name))[:40]!r}; choose one of "
+                          f"{', '.join(c.value for c in choices)}.") from None
+
+
 SEED_MAX = 2**32 - 1  # torch, numpy and A1111's infotexts all take 32-bit seeds
 
 
@@ -169,7 +178,7 @@ class CreateConfig:
 
     def __post_init__(self) -> None:
         _check_ranges(self)
-        object.__setattr__(self, "file_format", EmbeddingFileFormat(self.file_format))
+        _check_choice(self, "file_format", EmbeddingFileFormat)
 
 
 @dataclass(frozen=True)
@@ -220,8 +229,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_ranges(self)
         _check_seeds(self, "seed", "preview_seed")
-        object.__setattr__(self, "clip_grad_mode", ClipGrad(self.clip_grad_mode))
-        object.__setattr__(self, "latent_sampling", LatentSampling(self.latent_sampling))
+        _check_choice(self, "clip_grad_mode", ClipGrad)
+        _check_choice(self, "latent_sampling", LatentSampling)
         if not self.embedding.strip():
             raise ConfigError("embedding is empty: pick the embedding to train (create one first).")
         if not str(self.dataset_dir).strip():

@@ -1,7 +1,10 @@
 """Training runs that outlive a browser tab: a background thread drains `training.train` into a snapshot.
 
 The UI starts a run with `TrainingRunner.start(cfg)` and polls `runner.current.snapshot()`; closing or
-reloading the page does not touch the thread, so the page can re-attach to the running job. The studio
+reloading the page does not touch the thread, so the page can re-attach to the running job. `start` runs the
+pre-flight checks (`train_setup.preflight`) before it starts the thread: a wrong setting raises there, in the
+request that asked for the run, and the last job stays the current one; only a failure during the run itself
+ends a job as FAILED. The studio
 lock is still taken per optimizer step inside `train`, so Generate requests are served between steps.
 """
 
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING
 from .config import Paths, TrainConfig
 from .errors import BusyError, TinvError
 from .events import TRAINING, Finished, Phase, Preview, Saved, Started, Step
+from .train_setup import Plan, preflight
 from .training import train
 
 if TYPE_CHECKING:
@@ -64,18 +68,19 @@ class JobSnapshot:
 class TrainingJob:
     """One training run on a daemon thread. Use `TrainingRunner.start` to create it."""
 
-    def __init__(self, studio: Studio, cfg: TrainConfig, library: EmbeddingLibrary, paths: Paths,
+    def __init__(self, studio: Studio, cfg: TrainConfig, library: EmbeddingLibrary, paths: Paths, plan: Plan,
                  clock=time.perf_counter) -> None:
         self.cfg = cfg
         self._args = (studio, cfg, library, paths)
+        self._plan = plan
         self._clock = clock  # the ETA counts down with it (the trainer's `eta.RunTimes` uses perf_counter too)
         self._eta_from: tuple[float, float, float] | None = None  # (eta, its lowest value, when it was given)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._losses: deque[tuple[int, float]] = deque(maxlen=MAX_LOSSES)
         self._previews: deque[Path] = deque(maxlen=MAX_PREVIEWS)
-        self._snap = JobSnapshot(JobStatus.RUNNING, cfg.embedding, 0, cfg.max_steps, None, [], [], None,
-                                 "Preparing (checks, dataset, latents)...", None, "starting")
+        self._snap = JobSnapshot(JobStatus.RUNNING, plan.name, plan.initial_step, cfg.max_steps, None, [], [], None,
+                                 "Preparing (latents, optimizer)...", None, "starting")
         self._thread = threading.Thread(target=self._run, name=f"tinv-train-{cfg.embedding}", daemon=True)
 
     def start(self) -> "TrainingJob":
@@ -84,7 +89,7 @@ class TrainingJob:
         return self
 
     def _run(self) -> None:
-        events = train(*self._args, stop=self._stop)
+        events = train(*self._args, stop=self._stop, plan=self._plan)
         try:
             for event in events:
                 self._apply(event)
@@ -169,10 +174,15 @@ class TrainingRunner:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self, cfg: TrainConfig) -> TrainingJob:
-        """Start training `cfg` on a background thread; `BusyError` if a run is still active."""
+        """Start training `cfg` on a background thread; `BusyError` if a run is still active.
+
+        The pre-flight checks run here, first: their `TinvError` (a setting to change) reaches the caller and
+        leaves `current` as it was.
+        """
         with self._lock:
             self.check_idle()
-            self._current = TrainingJob(self.studio, cfg, self.library, self.paths).start()
+            plan = preflight(self.studio, cfg, self.library, self.paths)
+            self._current = TrainingJob(self.studio, cfg, self.library, self.paths, plan).start()
             return self._current
 
     def check_idle(self) -> None:

@@ -69,10 +69,8 @@ class Plan:
 # ---------------------------------------------------------------------------------------------------
 def preflight(studio: Studio, cfg: TrainConfig, library, paths: Paths) -> Plan:
     """Run every check that can fail before touching the GPU; returns what the run needs."""
-    emb, path = _find_embedding(studio, cfg, library)
-    emb = with_sidecar_step(path, emb)
-    root = _log_root(cfg, paths)
-    emb, start_file, notes = _newest_good_state(root, emb, path)
+    emb, path, start_file, notes = starting_point(studio, cfg.embedding, cfg.log_dir, library, paths)
+    root = _log_root(cfg.log_dir, paths)
     _check_steps(cfg, emb)
     lr = parse_schedule(cfg.learn_rate, cfg.max_steps, emb.step or 0, "learn_rate")
     clip = None
@@ -107,10 +105,20 @@ def train_size(cfg: TrainConfig) -> tuple[int, int] | None:
     return None if cfg.keep_size else (cfg.width, cfg.height)
 
 
-def _find_embedding(studio: Studio, cfg: TrainConfig, library) -> tuple[Embedding, Path]:
+def starting_point(studio: Studio, name: str, log_dir: str, library, paths: Paths) -> tuple[Embedding, Path, Path, tuple[str, ...]]:
+    """Where a run of embedding `name` starts: (the vectors and their step, the library file, the file they
+    come from, notes). The step is the file's, its `.optim`'s (SDXL), or that of a newer copy a killed run
+    left under the log root. The Train panel's "what Start will do" line reads it from here too."""
+    emb, path = _find_embedding(studio, name, library)
+    emb = with_sidecar_step(path, emb)
+    emb, start_file, notes = _newest_good_state(_log_root(log_dir, paths), emb, path)
+    return emb, path, start_file, notes
+
+
+def _find_embedding(studio: Studio, name: str, library) -> tuple[Embedding, Path]:
     expected = studio.embedding_width
     library.rescan_for(studio)
-    wanted = cfg.embedding.strip().lower()
+    wanted = name.strip().lower()
     if not any(n.lower() == wanted for n in library.loaded):
         for skipped in (s for s in library.skipped if s.name.lower() == wanted):
             try:
@@ -127,7 +135,7 @@ def _find_embedding(studio: Studio, cfg: TrainConfig, library) -> tuple[Embeddin
                     f"vectors of width {expected}, actual {width}. Load the model it was made for, or create "
                     "a new embedding for this one."
                 )
-    entry = library.get(cfg.embedding.strip())
+    entry = library.get(name.strip())
     emb = entry.embedding
     if emb.is_sdxl != studio.is_sdxl or emb.width != expected:
         kind = "an SDXL (clip_l + clip_g) embedding" if emb.is_sdxl else f"vectors of width {emb.width}"
@@ -140,8 +148,8 @@ def _find_embedding(studio: Studio, cfg: TrainConfig, library) -> tuple[Embeddin
     return replace(emb, name=entry.name), Path(entry.path)
 
 
-def _log_root(cfg: TrainConfig, paths: Paths) -> Path:
-    return Path(cfg.log_dir).expanduser() if cfg.log_dir.strip() else paths.outputs_dir / "train"
+def _log_root(log_dir: str, paths: Paths) -> Path:
+    return Path(log_dir).expanduser() if log_dir.strip() else paths.outputs_dir / "train"
 
 
 def _newest_good_state(root: Path, emb: Embedding, path: Path) -> tuple[Embedding, Path, tuple[str, ...]]:

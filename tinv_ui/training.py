@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 
 def train(studio: Studio, cfg: TrainConfig, library, paths: Paths, stop: threading.Event | None = None,
-          accelerator: Any = None) -> Iterator[Event]:
+          accelerator: Any = None, plan: Plan | None = None) -> Iterator[Event]:
     """Train `cfg.embedding`; yields Started, then Step per optimizer step, Saved/Preview every N, then
     Saved(final=True) and Finished. Failures raise `TinvError` subclasses (`TrainingError` for NaN/disk).
     A `Phase` comes before the work it names: loading images (first), encoding latents (before Started),
@@ -74,10 +74,13 @@ def train(studio: Studio, cfg: TrainConfig, library, paths: Paths, stop: threadi
 
     `stop` (set from any thread) or closing the generator interrupts the run and saves it. `accelerator`:
     one `accelerate.Accelerator` for `accelerate launch` data-parallel runs (see `distributed_accelerator`).
+    `plan`: `preflight(studio, cfg, library, paths)` already run by the caller (`jobs.TrainingRunner.start`
+    checks before it starts a thread, so a wrong setting is refused, not a failed job).
     """
     stop = stop or threading.Event()
-    yield Phase(LOADING_IMAGES, "loading images (checking the settings and the dataset)")
-    plan = preflight(studio, cfg, library, paths)  # 1. checks only, no GPU work
+    if plan is None:  # 1. checks only, no GPU work
+        yield Phase(LOADING_IMAGES, "loading images (checking the settings and the dataset)")
+        plan = preflight(studio, cfg, library, paths)
     main = accelerator is None or accelerator.is_main_process
     if main:
         remove_stale_temp_files(plan)

@@ -24,6 +24,7 @@ from .create_tab import build_create_tab
 from .generate_tab import GenerateTab, build_generate_tab
 from .model_picker import build_model_picker, page_model_state, wire_load
 from .server_guard import ServerGuard
+from .train_form_state import fill_on_page_load
 from .train_tab import TrainTab, build_train_tab
 
 TITLE = "tinv-ui: Textual Inversion"
@@ -56,9 +57,10 @@ def build_ui(studio: Studio, library: EmbeddingLibrary, runner: TrainingRunner, 
         sizes = [train.form.components[k] for k in ("width", "height")] + [generate.form.components[k] for k in ("width", "height")]
         # A page opened (or reloaded) later gets today's embeddings, with the running job's one selected, and
         # the model loaded now: picker, status line and width/height at its native size.
-        demo.load(lambda: sync_embeddings(_embedding_to_select(ctx)) + list(page_model_state(ctx))
+        page_loaded = demo.load(lambda: sync_embeddings(_embedding_to_select(ctx)) + list(page_model_state(ctx))
                   + [ctx.native_resolution] * 4,
                   outputs=outputs + [picker.dropdown, picker.status] + sizes, api_visibility="private")
+        fill_on_page_load(ctx, train, page_loaded)  # then the Train form shows that embedding's settings
         create.event.success(sync_embeddings, inputs=create.created, outputs=outputs, api_visibility="private")
         wire_load(ctx, picker).success(
             lambda: sync_embeddings() + [ctx.native_resolution] * 4, outputs=outputs + sizes, api_visibility="private"

@@ -29,7 +29,7 @@ def widget(cls: type, name: str, label: str, *, slider: bool = False, **kw: Any)
     if isinstance(default, bool):
         return gr.Checkbox(value=default, label=label, **kw)
     if spec.kind == "choice":
-        return gr.Dropdown(list(spec.choices), value=default, label=label, **kw)
+        return _choice_checked_by_config(gr.Dropdown(list(spec.choices), value=default, label=label, **kw))
     if spec.kind in ("int", "float"):
         step = 1 if spec.kind == "int" else kw.pop("step", 0.1)
         if slider and lo is not None and hi is not None:
@@ -45,8 +45,16 @@ def _range_checked_by_config(component: gr.components.Component) -> gr.component
     Gradio's own check answers an API client with "Value 0 is less than minimum value 1." (no field) and
     logs a traceback; out-of-range values reach `Form.config` instead, which says which setting to change.
     """
-    component.preprocess = lambda payload: None if payload is None else gr.Number.round_to_precision(
-        payload, component.precision)
+    component.preprocess = lambda payload: gr.Number.round_to_precision(payload, component.precision) if (
+        isinstance(payload, (int, float)) and not isinstance(payload, bool)) else payload  # text: `_coerce` names it
+    return component
+
+
+def _choice_checked_by_config(component: gr.components.Component) -> gr.components.Component:
+    """The same for a dropdown: Gradio's "Value: x is not in the list of choices" names no field and logs a
+    traceback; the config's check names the field and lists the choices."""
+    if isinstance(component, gr.Dropdown) and not component.allow_custom_value and not component.multiselect:
+        component.preprocess = lambda payload: payload
     return component
 
 
@@ -60,6 +68,13 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     if kind in ("int", "float"):
         if value is None or value == "":
             raise ConfigError(f"{name} is empty: enter a number.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = float(str(value).strip())
+            except ValueError:
+                raise ConfigError(f"{name} is {str(value)[:40]!r}; enter a number.") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name} is {value}; enter a finite number.")
         if kind == "int" and float(value) != int(value):
             raise ConfigError(f"{name} is {value}; it must be a whole number.")
         return int(value) if kind == "int" else float(value)
@@ -83,7 +98,7 @@ class Form:
     def register(self, name: str, component: gr.components.Component) -> gr.components.Component:
         """Register a hand-built component as the editor of field `name`."""
         component.elem_id = component.elem_id or f"tinv-{self.prefix}-{name}"
-        self.components[name] = component
+        self.components[name] = _choice_checked_by_config(component)
         return component
 
     @property

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import confine
 from ..config import SAMPLERS, TrainConfig, field_help
-from ..errors import ConfigError
+from ..errors import ConfigError, TinvError
 from ..events import format_duration
 from ..fileio import display_path, folder_problem
 from ..jobs import JobStatus
@@ -27,6 +27,7 @@ from .context import UIContext, progress_html
 from .dataset_preview import build_upload_area, wire_dataset_area
 from .errors import user_errors
 from .forms import Form
+from .train_form_state import TrainFormState, build_form_state, wire_form_state
 
 POLL_SECONDS = 1.0
 MAX_PLOT_POINTS = 1000  # the loss curve is downsampled beyond this many steps
@@ -52,6 +53,7 @@ class TrainTab:
     timer: gr.Timer
     last_prompt: gr.Textbox  # the last training prompt (A1111's "Last prompt")
     newest: gr.Image  # the newest preview, large, with its step
+    form_state: TrainFormState
 
     @property
     def watch_outputs(self) -> list:
@@ -98,6 +100,7 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
             with gr.Row():
                 start = gr.Button("Start training", variant="primary")
                 interrupt = gr.Button("Interrupt", variant="stop")
+            form_state = build_form_state(ctx)
         with gr.Column(scale=5), gr.Tabs(elem_id="tinv-train-views"):
             with gr.Tab("Current run", id="current", elem_id="tinv-train-current"):
                 progress = gr.HTML(progress_html(0, 0, "No training run yet.", "idle"), elem_id="tinv-train-progress")
@@ -112,9 +115,10 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
             build_compare_tab(ctx)
     tab = TrainTab(embedding, refresh, form, dataset.folder, dataset.files, dataset.note, start, interrupt, progress,
                    gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS), last_prompt=last_prompt,
-                   newest=newest)
+                   newest=newest, form_state=form_state)
     _wire(ctx, tab)
     wire_dataset_area(ctx, form, embedding, dataset, check_paths)
+    wire_form_state(ctx, tab)
     return tab
 
 
@@ -129,8 +133,11 @@ def _wire(ctx: UIContext, tab: TrainTab) -> None:
     def start_training(data: dict) -> tuple[str, dict]:
         ctx.runner.check_idle()  # "already running" matters more than this tab's settings
         cfg = form.config(data)
-        check_paths(ctx, cfg)
-        ctx.runner.start(cfg)
+        try:  # every check of the settings, pre-flight's too, answers here with the field's label
+            check_paths(ctx, cfg)
+            ctx.runner.start(cfg)
+        except TinvError as e:
+            raise type(e)(form.labelled(str(e))) from None
         return f"Training {cfg.embedding} started.", {}  # an empty `seen` makes the next poll redraw everything
 
     tab.timer.tick(poll, inputs=tab.seen, outputs=tab.watch_outputs, show_progress="hidden", api_name="poll_training")
