@@ -14,6 +14,7 @@ from tinv_ui.create import create_embedding
 from tinv_ui.eta import PREVIEW, SAVE, STEP, RunTimes
 from tinv_ui.events import ENCODING_LATENTS, LOADING_IMAGES, RENDERING_PREVIEW, SAVING, Phase, Saved, Started, Step
 from tinv_ui.jobs import JobStatus, TrainingJob
+from tinv_ui.train_setup import preflight
 from tinv_ui.library import EmbeddingLibrary
 
 NAME = "progemb"
@@ -91,7 +92,9 @@ def test_the_eta_counts_previews_and_saves_and_counts_down_during_a_preview(stud
             return real(*args, **kwargs)
         return wrapper
 
-    job = TrainingJob(studio, config(images), EmbeddingLibrary(paths.embeddings_dir), paths, clock=clock)
+    library = EmbeddingLibrary(paths.embeddings_dir)
+    plan = preflight(studio, config(images), library, paths)  # as TrainingRunner.start does
+    job = TrainingJob(studio, config(images), library, paths, plan, clock=clock)
     mid_preview, events, real_preview = [], [], training.render_preview
 
     def preview_taking_10_s(*args, **kwargs):
