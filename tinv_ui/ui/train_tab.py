@@ -25,6 +25,7 @@ from ..templates import find_template, list_templates
 from .context import UIContext, progress_html
 from .errors import user_errors
 from .forms import Form
+from .run_history import RunHistory, build_run_history
 from .uploads import import_uploads
 
 POLL_SECONDS = 1.0
@@ -49,6 +50,7 @@ class TrainTab:
     message: gr.Textbox
     seen: gr.State  # what this browser tab already shows of the job (so polls send only changes)
     timer: gr.Timer
+    runs: RunHistory | None = None  # the "Runs" view (earlier runs, "Use this step")
 
     @property
     def watch_outputs(self) -> list:
@@ -102,8 +104,10 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
                 plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
                 saved = gr.Textbox(label="Last saved file", interactive=False, buttons=["copy"], elem_id="tinv-train-saved")
                 message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
+            runs_view = build_run_history(ctx, progress)
     tab = TrainTab(embedding, refresh, form, folder_upload, files_upload, upload_note, start, interrupt, progress,
                    gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS))
+    tab.runs = runs_view
     _wire(ctx, tab)
     return tab
 
