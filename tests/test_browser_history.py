@@ -102,3 +102,11 @@ def test_runs_from_an_earlier_process_are_listed_opened_and_a_step_is_used(studi
         page.get_by_role("button", name="Use this step").click()
         expect(field(page, "tinv-runs-status")).to_have_value("Step 2 of hist is now embeddings/hist.pt.")
         assert formats.read(own).step == 2
+
+        # A run started here appears in the list by itself when it ends (the view stays on Runs meanwhile).
+        pick_option(page, "tinv-train-embedding", "hist-2")
+        set_value(page, "tinv-train-dataset_dir", str(tmp_path / "data"))
+        set_value(page, "tinv-train-max_steps", 3)
+        page.get_by_role("button", name="Start training").click()
+        expect(table).to_contain_text(re.compile(r"hist-2\s+\S+ \S+\s+3/3\s"), timeout=40_000)
+        expect(table).to_contain_text("4/4")

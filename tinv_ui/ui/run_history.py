@@ -86,12 +86,13 @@ def build_run_history(ctx: UIContext, progress: gr.HTML) -> RunHistory:
         use = gr.Button("Use this step", variant="primary", elem_id="tinv-runs-use")
         status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id="tinv-runs-status")
         settings = gr.Dataframe(pd.DataFrame(columns=["Setting", "Value"]), headers=["Setting", "Value"],
-                                datatype="str", interactive=False, label="Settings", elem_id="tinv-runs-settings")
+                                datatype="str", interactive=False, label="Settings", max_height=320,
+                                elem_id="tinv-runs-settings")
         with gr.Accordion("Settings JSON", open=False):
             settings_json = gr.Code("", language="json", interactive=False, elem_id="tinv-runs-json")
+        timer = gr.Timer(WATCH_SECONDS)  # inside the tab: a timer ticks only where the page renders it
     view = RunHistory(table, run, refresh, summary, gallery, plot, settings, settings_json, step, name, overwrite,
-                      use, status, gr.State([]), gr.State(""), gr.State(""), None, gr.State(None),
-                      gr.Timer(WATCH_SECONDS))
+                      use, status, gr.State([]), gr.State(""), gr.State(""), None, gr.State(None), timer)
     _wire(ctx, view, tab, count, progress)
     return view
 
