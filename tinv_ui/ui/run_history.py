@@ -101,7 +101,7 @@ def _wire(ctx: UIContext, view: RunHistory, tab: gr.Tab, count: gr.Markdown, pro
     root = runs.log_root(ctx.paths.outputs_dir)
     listing = [count, view.table, view.run, view.listed, view.job_seen, progress]
 
-    def list_runs(selected: str | None) -> list[Any]:
+    def listing_update(selected: str | None) -> list[Any]:
         found = runs.list_runs(root)
         keys = [runs.run_key(r) for r in found]
         shown = f"**{len(found)} earlier run{'s' if len(found) != 1 else ''}** in `{display_path(root)}`"
@@ -120,7 +120,7 @@ def _wire(ctx: UIContext, view: RunHistory, tab: gr.Tab, count: gr.Markdown, pro
     def watch(seen: Any, selected: str | None) -> list[Any]:
         if _job_state(ctx) == seen:
             return [gr.skip()] * (len(listing) - 1) + [seen]
-        return list_runs(selected)
+        return listing_update(selected)
 
     def pick_row(keys: list[str], evt: gr.SelectData) -> Any:
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) and evt.index else None
@@ -146,9 +146,9 @@ def _wire(ctx: UIContext, view: RunHistory, tab: gr.Tab, count: gr.Markdown, pro
         ctx.refresh_library()
         return _used_message(ctx, run, step, path), path.stem
 
-    gr.on(None, lambda: list_runs(None), outputs=listing, api_visibility="private")  # on page load
-    tab.select(list_runs, inputs=view.run, outputs=listing, api_visibility="private")
-    view.refresh.click(list_runs, inputs=view.run, outputs=listing, api_name="list_runs")
+    gr.on(None, lambda: listing_update(None), outputs=listing, api_visibility="private")  # on page load
+    tab.select(listing_update, inputs=view.run, outputs=listing, api_visibility="private")
+    view.refresh.click(listing_update, inputs=view.run, outputs=listing, api_name="list_runs")
     view.timer.tick(watch, inputs=[view.job_seen, view.run], outputs=listing, show_progress="hidden",
                     api_visibility="private")
     view.table.select(pick_row, inputs=view.listed, outputs=view.run, api_visibility="private")
@@ -172,14 +172,12 @@ def _listed_run(root, key: Any) -> RunRecord:
 
 
 def _copy_step(run: RunRecord, step: Any) -> int:
+    """The step number the page sent (`use_step` then checks that the run has a copy at it)."""
     try:
-        number = int(step)
+        return int(step)
     except (TypeError, ValueError):
-        number = None
-    if number not in run.copies:
         saved = ", ".join(str(s) for s in run.copies) or "none"
-        raise ConfigError(f"step: pick one of the run's saved copies (steps {saved}).")
-    return number
+        raise ConfigError(f"step: pick one of the run's saved copies (steps {saved}).") from None
 
 
 def _label(run: RunRecord) -> str:
