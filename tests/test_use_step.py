@@ -71,3 +71,24 @@ def test_bad_names_other_formats_and_unknown_steps_are_refused(studio, paths, im
     with pytest.raises(ConfigError, match="no copy at step 3; its copies are at steps 2, 4"):
         use_step(run, 3, "alpha-3", paths.embeddings_dir)
     assert sorted(p.name for p in paths.embeddings_dir.iterdir()) == ["alpha.pt", "alpha.pt.optim", "taken.safetensors"]
+
+
+def test_an_sdxl_pt_pair_keeps_its_step_in_the_optim_that_comes_along(sdxl_studio, paths, images):
+    from tinv_ui.tiny_model import TINY_SDXL_RESOLUTION
+    from tinv_ui.train_setup import with_sidecar_step
+
+    create_embedding(sdxl_studio, CreateConfig(name="xl", initializer="painting", num_vectors=2, file_format="pt"),
+                     paths.embeddings_dir)
+    cfg = TrainConfig(**{**BASE, "embedding": "xl", "dataset_dir": str(images), "template": "subject", "max_steps": 2,
+                         "save_every": 1, "width": TINY_SDXL_RESOLUTION, "height": TINY_SDXL_RESOLUTION})
+    list(train(sdxl_studio, cfg, EmbeddingLibrary(paths.embeddings_dir), paths))
+    [run] = runs.list_runs(runs.log_root(paths.outputs_dir))
+
+    path = use_step(run, 1, "xl-first", paths.embeddings_dir)
+
+    assert sorted(torch.load(path, weights_only=True)) == ["clip_g", "clip_l"]  # what every SDXL tool reads
+    used, copy = with_sidecar_step(path, formats.read(path)), formats.read(run.copies[1])
+    assert used.step == 1 and all(torch.equal(used.parts[k], copy.parts[k]) for k in ("clip_l", "clip_g"))
+    library = EmbeddingLibrary(paths.embeddings_dir)
+    library.rescan_for(sdxl_studio)
+    assert library.names() == ["xl", "xl-first"]
