@@ -104,15 +104,10 @@ def _wire(ctx: UIContext, view: RunHistory, tab: gr.Tab, count: gr.Markdown, pro
     def listing_update(selected: str | None) -> list[Any]:
         found = runs.list_runs(root)
         keys = [runs.run_key(r) for r in found]
-        shown = f"**{len(found)} earlier run{'s' if len(found) != 1 else ''}** in `{display_path(root)}`"
-        if len(found) == runs.MAX_RUNS:
-            shown += f" (the newest {runs.MAX_RUNS})"
         choices = [(_label(r), k) for r, k in zip(found, keys)]
-        idle = gr.skip()
-        if ctx.runner.current is None:
-            idle = progress_html(0, 0, f"No run in this session; {len(found)} earlier run{'s' if len(found) != 1 else ''}"
-                                       " under Runs." if found else "No training run yet.", "idle")
-        return [shown if found else f"No runs yet in `{display_path(root)}`: runs you start appear here.",
+        # the Current run's bar, while this process has run no job: earlier runs exist, they are under Runs
+        idle = gr.skip() if ctx.runner.current is not None else progress_html(0, 0, _idle_label(len(found)), "idle")
+        return [_count_label(len(found), root),
                 pd.DataFrame([_row(r) for r in found], columns=COLUMNS),
                 gr.Dropdown(choices=choices, value=selected if selected in keys else None),
                 keys, _job_state(ctx), idle]
@@ -157,6 +152,20 @@ def _wire(ctx: UIContext, view: RunHistory, tab: gr.Tab, count: gr.Markdown, pro
                     api_name="open_run")
     view.used_event = view.use.click(use, inputs=[view.opened, view.step, view.name, view.overwrite],
                                      outputs=[view.status, view.used], api_name="use_run_step")
+
+
+def _count_label(count: int, root) -> str:
+    where = md_text(display_path(root))
+    if not count:
+        return f"No runs yet in {where}: runs you start appear here."
+    newest = f" (the newest {runs.MAX_RUNS})" if count >= runs.MAX_RUNS else ""
+    return f"**{count} earlier run{'s' if count != 1 else ''}** in {where}{newest}"
+
+
+def _idle_label(count: int) -> str:
+    if not count:
+        return "No training run yet."
+    return f"No run in this session; {count} earlier run{'s' if count != 1 else ''} under Runs."
 
 
 def _job_state(ctx: UIContext) -> tuple[int, str] | None:
