@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 
-import pytest
 import torch
 
 from browser_app import browser_marks, chromium, field, open_page, pick_option, running_app, set_value, shoot
