@@ -86,3 +86,16 @@ def test_runs_are_listed_newest_first_by_start_time(tmp_path):
         (tmp_path / day / folder).mkdir(parents=True)
         (tmp_path / day / folder / f"settings-{stamp}.json").write_text(json.dumps({"embedding_name": folder}))
     assert [r.name for r in runs.list_runs(tmp_path)] == ["b", "c", "a"]
+
+
+def test_a_run_is_found_by_its_key_only_when_listed(tmp_path):
+    root = tmp_path / "train"
+    run = root / "2026-01-02" / "eps"
+    run.mkdir(parents=True)
+    (run / runs.LOSS_CSV).write_text("step,epoch,epoch_step,loss,learn_rate\n1,0,1,0.5,0.1\n")
+    (root / "2026-01-02" / "not-a-run").mkdir()
+    [listed] = runs.list_runs(root)
+    assert runs.run_key(listed) == "2026-01-02/eps"
+    assert runs.find_run(root, "2026-01-02/eps").folder == run
+    for key in ("2026-01-02/not-a-run", "2026-01-02/eps/..", "../train/2026-01-02/eps", str(run), "", None):
+        assert runs.find_run(root, key) is None

@@ -86,12 +86,13 @@ def check_target(cfg: CreateConfig, embeddings_dir: str | Path, sdxl: bool = Fal
     the `auto` format)."""
     name = sanitize_name(cfg.name, "name")
     path = target_path(Path(embeddings_dir), name, resolve_format(cfg.file_format, sdxl))
-    _check_existing(path, cfg.overwrite)
+    check_existing(path, cfg.overwrite)
     return path
 
 
-def _check_existing(path: Path, overwrite: bool) -> None:
-    """Refuse to replace a file (or shadow one of another format) unless overwrite is on."""
+def check_existing(path: Path, overwrite: bool) -> None:
+    """Refuse to replace a file (or shadow one of another format) unless overwrite is on (also the rule of
+    `use_step.use_step`)."""
     same_name = [path.with_suffix(s) for s in formats.EMBEDDING_SUFFIXES if path.with_suffix(s).exists()]
     if same_name and not overwrite:
         raise InvalidNameError(

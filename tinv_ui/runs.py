@@ -110,6 +110,17 @@ def latest_run(root: Path, name: str) -> RunRecord | None:
     return next((run for run in list_runs(root, name) if run.config), None)
 
 
+def run_key(run: RunRecord) -> str:
+    """How the page names a run: its folder relative to the log root (`<date>/<folder>`)."""
+    return f"{run.folder.parent.name}/{run.folder.name}"
+
+
+def find_run(root: Path, key: str) -> RunRecord | None:
+    """The listed run (`list_runs(root)`) whose `run_key` is `key`, or None: a key that came from a web page
+    is only ever matched against the listing, never opened as a path."""
+    return next((run for run in list_runs(root) if run_key(run) == key), None) if isinstance(key, str) else None
+
+
 def read_run(folder: Path) -> RunRecord | None:
     """The run in `folder`, or None when it holds nothing a run writes."""
     settings_files = _settings_files(folder)

@@ -62,6 +62,7 @@ def build_ui(studio: Studio, library: EmbeddingLibrary, runner: TrainingRunner, 
                   outputs=outputs + [picker.dropdown, picker.status] + sizes, api_visibility="private")
         fill_on_page_load(ctx, train, page_loaded)  # then the Train form shows that embedding's settings
         create.event.success(sync_embeddings, inputs=create.created, outputs=outputs, api_visibility="private")
+        train.runs.used_event.success(sync_embeddings, inputs=train.runs.used, outputs=outputs, api_visibility="private")
         wire_load(ctx, picker).success(
             lambda: sync_embeddings() + [ctx.native_resolution] * 4, outputs=outputs + sizes, api_visibility="private"
         )

@@ -27,6 +27,7 @@ from .context import UIContext, progress_html
 from .dataset_preview import build_upload_area, wire_dataset_area
 from .errors import user_errors
 from .forms import Form
+from .run_history import RunHistory, build_run_history
 from .train_form_state import TrainFormState, build_form_state, wire_form_state
 
 POLL_SECONDS = 1.0
@@ -54,6 +55,7 @@ class TrainTab:
     last_prompt: gr.Textbox  # the last training prompt (A1111's "Last prompt")
     newest: gr.Image  # the newest preview, large, with its step
     form_state: TrainFormState
+    runs: RunHistory  # the "Runs" view (earlier runs, "Use this step")
 
     @property
     def watch_outputs(self) -> list:
@@ -112,10 +114,11 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
                 plot = gr.LinePlot(None, x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
                 saved = gr.Textbox(label="Last saved file", interactive=False, buttons=["copy"], elem_id="tinv-train-saved")
                 message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
+            runs_view = build_run_history(ctx, progress)
             build_compare_tab(ctx)
     tab = TrainTab(embedding, refresh, form, dataset.folder, dataset.files, dataset.note, start, interrupt, progress,
                    gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS), last_prompt=last_prompt,
-                   newest=newest, form_state=form_state)
+                   newest=newest, form_state=form_state, runs=runs_view)
     _wire(ctx, tab)
     wire_dataset_area(ctx, form, embedding, dataset, check_paths)
     wire_form_state(ctx, tab)
