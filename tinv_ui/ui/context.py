@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from ..config import Paths
 from ..confine import Confinement
 from ..jobs import JobStatus, TrainingRunner
@@ -63,6 +65,28 @@ def progress_html(done: int, total: int, label: str, state: str = "running") -> 
         f'aria-valuemin="0" aria-valuemax="100"><div class="tinv-bar" style="width:{pct:.1f}%"></div>'
         f'<span class="tinv-label">{html.escape(label)}</span></div>'
     )
+
+
+MAX_PLOT_POINTS = 1000  # the loss curve is downsampled beyond this many steps
+
+
+def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame | None:
+    """The loss curve's points; None (no chart) before the first step: vega warns "Infinite extent" on every
+    page load and poll when it is given an empty frame."""
+    if not losses:
+        return None
+    if len(losses) > MAX_PLOT_POINTS:
+        stride = -(-len(losses) // MAX_PLOT_POINTS)
+        losses = losses[::stride] + [losses[-1]]
+    # Explicit dtypes: steps are whole numbers, losses floats, however the list was built.
+    frame = pd.DataFrame(losses, columns=["step", "loss"])
+    return frame.astype({"step": "int64", "loss": "float64"})
+
+
+def preview_caption(path: Path) -> str:
+    """`images/<name>-<step>.png` → 'step <step>' (the name is already in the progress line or the run's title)."""
+    match = re.search(r"-(\d+)$", path.stem)
+    return f"step {match.group(1)}" if match else path.stem
 
 
 _MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|~$:])")

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..fileio import display_path
 from ..runs import RunRecord
 from ..use_step import use_step
-from .context import UIContext, md_text, progress_html
+from .context import UIContext, loss_frame, md_text, preview_caption, progress_html
 from .create_tab import refuse_the_trained_embedding
 from .errors import user_errors
 
@@ -76,7 +76,7 @@ def build_run_history(ctx: UIContext, progress: gr.HTML) -> RunHistory:
         summary = gr.Markdown("", elem_id="tinv-runs-summary")
         gallery = gr.Gallery(label="Previews", format="png", columns=4, fit_columns=False, height=260,
                              object_fit="contain", elem_id="tinv-runs-previews")
-        plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Loss", height=220, elem_id="tinv-runs-loss")
+        plot = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Loss", height=220, elem_id="tinv-runs-loss")
         with gr.Row():
             step = gr.Dropdown([], value=None, label="Saved copy (step)", scale=1, elem_id="tinv-runs-step")
             name = gr.Textbox(label="Use as embedding", scale=2, elem_id="tinv-runs-name",
@@ -124,11 +124,11 @@ def _wire(ctx: UIContext, view: RunHistory, tab: gr.Tab, count: gr.Markdown, pro
     @user_errors
     def open_run(key: str | None) -> list[Any]:
         if not key:
-            return ["", [], _loss_frame([]), _settings_frame({}), "", gr.Dropdown(choices=[], value=None), "", ""]
+            return ["", [], loss_frame([]), _settings_frame({}), "", gr.Dropdown(choices=[], value=None), "", ""]
         run = _listed_run(root, key)
         losses = run.losses()
         steps = sorted(run.copies)
-        return [_summary(run, losses), _previews(run), _loss_frame(losses), _settings_frame(run.settings),
+        return [_summary(run, losses), _previews(run), loss_frame(losses), _settings_frame(run.settings),
                 json.dumps(run.settings, indent=2, ensure_ascii=False) if run.settings else "",
                 gr.Dropdown(choices=steps, value=steps[-1] if steps else None), run.name, key]
 
@@ -217,7 +217,7 @@ def _summary(run: RunRecord, losses: list[tuple[int, float]]) -> str:
 
 def _previews(run: RunRecord) -> list[tuple[str, str]]:
     """The run's previews by step (the newest `MAX_PREVIEWS`), captioned "step N"."""
-    return [(str(path), _preview_caption(path)) for path in list(run.previews.values())[-MAX_PREVIEWS:]]
+    return [(str(path), preview_caption(path)) for path in list(run.previews.values())[-MAX_PREVIEWS:]]
 
 
 def _settings_frame(settings: dict[str, Any]) -> pd.DataFrame:
@@ -242,16 +242,3 @@ def _used_message(ctx: UIContext, run: RunRecord, step: int, path) -> str:
         message += f" It is not loaded: {reasons[0] if reasons else 'load a model it fits'}."
     clashes = [c for c in ctx.library.collisions if repr(name) in c]
     return " ".join([message, *clashes])
-
-
-def _loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
-    """The Current run's loss frame, so both curves look alike (train_tab imports this module: imported late)."""
-    from .train_tab import _loss_frame as loss_frame
-
-    return loss_frame(losses)
-
-
-def _preview_caption(path) -> str:
-    from .train_tab import _preview_caption as caption
-
-    return caption(path)

@@ -7,13 +7,11 @@ Start while a run is active shows the runner's `BusyError`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from .. import confine
 from ..config import SAMPLERS, TrainConfig, field_help
@@ -23,7 +21,7 @@ from ..fileio import display_path, folder_problem
 from ..jobs import JobStatus
 from ..templates import find_template, list_templates
 from .compare_steps import build_compare_tab
-from .context import UIContext, progress_html
+from .context import UIContext, loss_frame, preview_caption, progress_html
 from .dataset_preview import build_upload_area, wire_dataset_area
 from .errors import user_errors
 from .forms import Form
@@ -31,7 +29,6 @@ from .run_history import RunHistory, build_run_history
 from .train_form_state import TrainFormState, build_form_state, wire_form_state
 
 POLL_SECONDS = 1.0
-MAX_PLOT_POINTS = 1000  # the loss curve is downsampled beyond this many steps
 MAX_GALLERY = 12  # newest previews shown (three rows, all in view: the gallery grows, it does not scroll)
 
 
@@ -235,19 +232,6 @@ def interrupt_training(ctx: UIContext) -> str:
     return "Interrupting: the embedding is saved at the current step."
 
 
-def _loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame | None:
-    """The loss curve's points; None (no chart) before the first step: vega warns "Infinite extent" on every
-    page load and poll when it is given an empty frame."""
-    if not losses:
-        return None
-    if len(losses) > MAX_PLOT_POINTS:
-        stride = -(-len(losses) // MAX_PLOT_POINTS)
-        losses = losses[::stride] + [losses[-1]]
-    # Explicit dtypes: steps are whole numbers, losses floats, however the list was built.
-    frame = pd.DataFrame(losses, columns=["step", "loss"])
-    return frame.astype({"step": "int64", "loss": "float64"})
-
-
 def job_view(ctx: UIContext, seen: dict) -> list[Any]:
     """Updates for [progress, gallery, plot, saved, message, last_prompt, newest, seen]; unchanged parts are skipped."""
     job = ctx.runner.current
@@ -266,7 +250,7 @@ def job_view(ctx: UIContext, seen: dict) -> list[Any]:
         progress_html(snap.step, snap.total, now["label"], snap.status.value) if changed("status", "label")
         else gr.skip(),
         _gallery_value(snap.previews) if changed("previews") else gr.skip(),
-        _loss_frame(list(snap.losses)) if changed("step") else gr.skip(),
+        loss_frame(list(snap.losses)) if changed("step") else gr.skip(),
         now["saved"] if changed("saved") else gr.skip(),
         snap.message if changed("message", "status") else gr.skip(),
         snap.prompt if changed("prompt") else gr.skip(),
@@ -292,15 +276,9 @@ def _newest_value(previews: list[Path]) -> Any:
     if not previews:
         return gr.Image(value=None, visible=False)
     newest = Path(previews[-1])
-    return gr.Image(value=str(newest), label=f"Newest preview: {_preview_caption(newest)}", visible=True)
+    return gr.Image(value=str(newest), label=f"Newest preview: {preview_caption(newest)}", visible=True)
 
 
 def _gallery_value(previews: list[Path]) -> list[tuple[str, str]]:
     newest = list(previews)[-MAX_GALLERY:][::-1]
-    return [(str(p), _preview_caption(Path(p))) for p in newest]
-
-
-def _preview_caption(path: Path) -> str:
-    """`images/<name>-<step>.png` → 'step <step>' (the name is already in the progress line)."""
-    match = re.search(r"-(\d+)$", path.stem)
-    return f"step {match.group(1)}" if match else path.stem
+    return [(str(p), preview_caption(Path(p))) for p in newest]
