@@ -53,4 +53,7 @@ def test_the_phase_the_last_prompt_and_the_newest_preview_are_shown(tmp_path, ca
         expect(progress).to_contain_text("step 4/4 · finished", timeout=60_000)
         expect(newest).to_contain_text("Newest preview: step 4")
         expect(newest.locator("img")).to_have_attribute("src", re.compile(rf"{NAME}-4\.png"))
+        # Gradio's <img> loads lazily: in view (the form above was scrolled down to Advanced), it loads and shows.
+        newest.locator("img").scroll_into_view_if_needed()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=newest.locator("img").element_handle())
         assert newest.locator("img").bounding_box()["width"] >= 200  # large: the gallery's thumbnails are ~110 px

@@ -18,7 +18,7 @@ from tinv_ui import formats, training
 from tinv_ui.config import CreateConfig, TrainConfig
 from tinv_ui.create import create_embedding
 from tinv_ui.errors import TrainingError
-from tinv_ui.events import Preview, Saved, Step
+from tinv_ui.events import Preview, Saved, Started, Step
 from tinv_ui.library import EmbeddingLibrary
 from tinv_ui.tiny_model import TINY_SDXL_POOLED, TINY_SDXL_RESOLUTION, TINY_SDXL_WIDTHS
 from tinv_ui.training import train
@@ -120,7 +120,7 @@ def test_two_steps_then_resume_to_four_equals_four_steps_bit_for_bit(sdxl_studio
         assert torch.equal(resumed.parts[part], four.parts[part])
     losses = lambda events: [e.loss for e in events if isinstance(e, Step)]  # noqa: E731
     assert losses(first) + losses(second) == losses(straight)
-    assert "continues as if it had never stopped" in second[0].message
+    assert "continues as if it had never stopped" in next(e for e in second if isinstance(e, Started)).message
 
 
 @pytest.mark.parametrize("file_format", ["safetensors", "pt"])
@@ -188,7 +188,7 @@ def test_cli_trains_the_tiny_sdxl_model(tmp_path, sdxl_studio, cache_dir):
     cli("create", "--name", "clixl", "--num-vectors", "2")
     lines = cli("train", "--embedding", "clixl", "--dataset-dir", str(images), "--max-steps", "2", "--preview-every",
                 "0", "--save-every", "0", "--width", str(SIZE), "--height", str(SIZE), "--template", "subject")
-    assert lines[0].startswith("started: clixl from step 0 to 2 on 2 images")
+    assert [line for line in lines if line.startswith("started: ")][0].startswith("started: clixl from step 0 to 2 on 2 images")
     assert [line.split()[1] for line in lines if line.startswith("step ")] == ["1/2", "2/2"]
     assert lines[-1].startswith("finished at step 2:")
     trained = formats.read(tmp_path / "emb" / "clixl.safetensors")

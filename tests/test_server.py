@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import time
 import urllib.parse
 from pathlib import Path
@@ -188,18 +189,17 @@ def test_the_server_answers_within_a_second_during_heavy_work_and_a_backtracking
     write_images(data, 2)
     (data / "000-a red thing number 0.png").rename(data / ("a" * 60 + "!.png"))
 
-    # A catastrophic filename_regex: the run fails naming the field, and polls answer meanwhile.
-    started = client.submit(**train_kwargs(client, embedding="busy", dataset_dir=str(data), filename_regex="(a|aa)+$"),
-                            api_name="/start_training").result(timeout=30)
-    assert started == "Training busy started."
-    times, answers = [], ""
-    while "filename_regex" not in answers and len(times) < 20:
-        seconds, answer = timed_poll(app)
-        times.append(seconds)
-        answers += answer
-        time.sleep(0.2)
-    assert "filename_regex '(a|aa)+$' took over" in answers
-    assert max(times) < 1.0, times
+    # A catastrophic filename_regex: Start is refused naming the field (pre-flight runs in the request), and polls
+    # answer while it reads the file names.
+    start = client.submit(**train_kwargs(client, embedding="busy", dataset_dir=str(data), filename_regex="(a|aa)+$"),
+                          api_name="/start_training")
+    times = []
+    while not start.done() and len(times) < 40:
+        times.append(timed_poll(app)[0])
+        time.sleep(0.05)
+    with pytest.raises(AppError, match=re.escape("filename_regex '(a|aa)+$' took over")):
+        start.result(timeout=30)
+    assert times and max(times) < 1.0, times
 
     # A long training run, a generation and a rescan at once: polls still answer within a second.
     started = client.predict(**train_kwargs(client, embedding="busy", dataset_dir=str(data), max_steps=100_000),
