@@ -136,6 +136,23 @@ def test_wrong_settings_are_refused_before_the_run_with_the_field_label(app, tmp
         expect(toast(page)).to_contain_text("Max steps: max_steps is 2, but 'errs' has already been trained for 2 steps")
         expect(progress).to_contain_text("errs: step 2/2 · finished")
         expect(progress).not_to_contain_text("failed")
+
+        # While pre-flight reads the dataset (here slowly: a backtracking filename regex on 8 long names, 0.25 s
+        # each), the Message box says so; after the refusal it shows the last job's message again.
+        slow = tmp_path / "slow"
+        write_images(slow, 8)
+        for number, image in enumerate(sorted(slow.glob("*.png"))):
+            image.rename(slow / ("a" * (50 + number) + "!.png"))
+        set_value(page, "tinv-train-dataset_dir", str(slow))
+        set_value(page, "tinv-train-max_steps", 4)
+        page.get_by_text("Advanced", exact=True).click()
+        set_value(page, "tinv-train-filename_regex", "(a|aa)+$")
+        message = field(page, "tinv-train-message")
+        page.get_by_role("button", name="Start training").click()
+        expect(message).to_have_value("errs: loading images (checking the settings and the dataset)...")
+        expect(toast(page)).to_contain_text("Filename regex: filename_regex '(a|aa)+$' took over", timeout=30_000)
+        expect(message).to_have_value(re.compile(r"^Training finished at step 2"))
+        expect(progress).to_contain_text("errs: step 2/2 · finished")
         page.close()
 
     # Through the API: a value out of range and a choice that is not one; each names the field.

@@ -7,6 +7,7 @@ Start while a run is active shows the runner's `BusyError`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import gradio as gr
 from .. import confine
 from ..config import SAMPLERS, TrainConfig, field_help
 from ..errors import ConfigError, TinvError
-from ..events import format_duration
+from ..events import LOADING_IMAGES, format_duration
 from ..fileio import display_path, folder_problem
 from ..jobs import JobStatus
 from ..templates import find_template, list_templates
@@ -130,15 +131,19 @@ def _wire(ctx: UIContext, tab: TrainTab) -> None:
 
     @form.handler
     @user_errors
-    def start_training(data: dict) -> tuple[str, dict]:
+    def start_training(data: dict) -> Iterator[tuple[Any, Any]]:
         ctx.runner.check_idle()  # "already running" matters more than this tab's settings
         cfg = form.config(data)
+        # Pre-flight (reading every image of the dataset) runs in this request, before the job exists: say so.
+        yield f"{cfg.embedding}: {LOADING_IMAGES} (checking the settings and the dataset)...", gr.skip()
         try:  # every check of the settings, pre-flight's too, answers here with the field's label
             check_paths(ctx, cfg)
             ctx.runner.start(cfg)
         except TinvError as e:
+            last = ctx.runner.current
+            yield (last.snapshot().message if last else ""), gr.skip()  # the panel keeps the last job; the toast says why
             raise type(e)(form.labelled(str(e))) from None
-        return f"Training {cfg.embedding} started.", {}  # an empty `seen` makes the next poll redraw everything
+        yield f"Training {cfg.embedding} started.", {}  # an empty `seen` makes the next poll redraw everything
 
     tab.timer.tick(poll, inputs=tab.seen, outputs=tab.watch_outputs, show_progress="hidden", api_name="poll_training")
     tab.refresh.click(lambda: _embedding_update(ctx), outputs=tab.embedding, api_name="refresh_train_embeddings")
