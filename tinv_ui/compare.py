@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from . import formats, generation, sdxl
+from . import formats, generation, runs, sdxl
 from .config import GenerateConfig, Paths
 from .embedding import Embedding
 from .errors import ConfigError, TinvError
@@ -122,26 +122,19 @@ def compare_steps(studio: Studio, run: RunRecord, steps: Sequence[int], cfg: Gen
 
 
 # -- the request -------------------------------------------------------------------------------------------
-def run_key(root: Path, run: RunRecord) -> str:
-    """How a run is named to the browser: its folder below the log root ('2026-12-03/alpha_run2')."""
-    try:
-        return run.folder.relative_to(root).as_posix()
-    except ValueError:
-        return run.folder.name
-
-
 def runs_with_copies(root: Path) -> list[RunRecord]:
     """The runs under `root` that saved at least one copy, newest first."""
     return [run for run in list_runs(root) if run.copies]
 
 
 def find_run(root: Path, key: str | None) -> RunRecord:
-    """The listed run named `key` (`run_key`): a client's choice is looked up in the listing, never opened as a path."""
-    for run in runs_with_copies(root):
-        if run_key(root, run) == key:
-            return run
-    raise ConfigError(f"run {key!r} is not among the training runs with saved copies in {root}; "
-                      "refresh the list and pick one.")
+    """The listed run with copies named `key` (`runs.run_key`), else a `ConfigError`: a client's choice is looked
+    up in the listing (`runs.find_run`), never opened as a path."""
+    run = runs.find_run(root, key)
+    if run is None or not run.copies:
+        raise ConfigError(f"run {key!r} is not among the training runs with saved copies in {root}; "
+                          "refresh the list and pick one.")
+    return run
 
 
 def check_steps(run: RunRecord, steps: Sequence[Any]) -> list[int]:

@@ -1,7 +1,7 @@
 """The Train tab's "Compare steps" view: pick a run and some of its saved steps, render one image per copy with
 one prompt and seed, and see (and find saved) the labelled grid. The work is `compare.compare_steps`.
 
-The run is chosen by its key in the listing (`compare.run_key`); a key from the browser is looked up in a fresh
+The run is chosen by its key in the listing (`runs.run_key`); a key from the browser is looked up in a fresh
 listing, never opened as a path. Rendering goes through the "gpu" queue, like Generate, and the studio lock.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from .. import compare
+from .. import compare, runs
 from ..config import SAMPLERS, GenerateConfig
 from ..events import Compared, Generated, Step, format_duration
 from ..fileio import display_path
@@ -130,7 +130,7 @@ def run_choices(ctx: UIContext) -> dict[str, tuple[str, RunRecord]]:
     """key -> (label, run) of every run with copies, newest first; labels read
     'alpha · 2026-12-03 14:05 · steps 500–3000 (6) · alpha_run2'."""
     root = log_root(ctx.paths.outputs_dir)
-    return {compare.run_key(root, run): (_run_label(run), run) for run in compare.runs_with_copies(root)}
+    return {runs.run_key(run): (_run_label(run), run) for run in compare.runs_with_copies(root)}
 
 
 def _run_label(run: RunRecord) -> str:
