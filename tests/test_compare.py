@@ -241,7 +241,11 @@ def test_the_api_takes_a_run_from_the_listing_only_and_answers_with_the_grid(stu
     request = {"run_key": "2026-12-03/alpha", "chosen": [2, 4], "prompt": "a photo of alpha", "negative_prompt": "",
                "sampler": "Euler a", "steps": 2, "cfg_scale": 7, "seed": 5, "width": 64, "height": 64}
     with serving(studio, paths, tmp_path, monkeypatch) as (client, _library, _runner):
-        progress, grid, saved, infotext = client.predict(**request, api_name="/compare_steps")
+        job = client.submit(**request, api_name="/compare_steps")
+        progress, grid, saved, infotext = job.result(timeout=120)
+        # The grid fills in as the images come: a one-cell grid is shown before the final two-cell one.
+        sizes = [Image.open(out[1]).size for out in job.outputs() if isinstance(out[1], str)]  # dicts: unchanged
+        assert (64, 64 + 19) in sizes and sizes[-1] == (128, 64 + 19), sizes
         for bad, message in (({"run_key": str(run.folder)}, "is not among the training runs"),
                              ({"run_key": "../../../etc"}, "is not among the training runs"),
                              ({"chosen": [3]}, "3 not saved by run alpha"),

@@ -175,14 +175,16 @@ def _render_updates(ctx: UIContext, view: CompareView, run: RunRecord, chosen: l
     """Drive `compare.compare_steps`, yielding updates for [progress, grid, saved, infotext]."""
     if ctx.studio.busy_with:
         yield {view.progress: progress_html(0, 1, f"Waiting for the model ({ctx.studio.busy_with})...", "running")}
-    drawn = 0
+    drawn: list = []  # the images so far: the grid fills in as they come (the saved file is the final grid)
     for event in compare.compare_steps(ctx.studio, run, chosen, cfg, ctx.library, ctx.paths, stop):
         match event:
             case Step(step=step, total=total, eta=eta):
-                label = f"{run.name}: image {drawn + 1}/{len(chosen)} (step {chosen[drawn]}) · ETA {format_duration(eta)}"
+                label = (f"{run.name}: image {len(drawn) + 1}/{len(chosen)} (step {chosen[len(drawn)]}) · "
+                         f"ETA {format_duration(eta)}")
                 yield {view.progress: progress_html(step, total, label)}
-            case Generated():
-                drawn += 1
+            case Generated(images=images):
+                drawn.append(images[0])
+                yield {view.grid: compare.compose_grid(drawn, [f"step {s}" for s in chosen[:len(drawn)]])}
             case Compared(path=None):
                 yield {view.progress: progress_html(0, 1, "Stopped before the first image; nothing saved.", "interrupted"),
                        view.grid: None, view.saved: "", view.infotext: ""}
