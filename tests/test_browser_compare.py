@@ -42,6 +42,8 @@ def test_a_run_is_picked_rendered_and_its_grid_saved_with_infotext(page_and_app,
     page, app = page_and_app
     page.get_by_role("tab", name="Train").click()
     page.get_by_role("tab", name="Compare steps").click()
+    # Each view's button once (a component outside every gr.Tab made Gradio draw this one twice once selected).
+    expect(page.locator("#tinv-train-views [role=tab]")).to_have_text(["Current run", "Runs", "Compare steps"])
     run = page.locator("#tinv-compare-run input")
     expect(run).to_have_value(re.compile(r"^gamma · 2026-12-03 10:00"))
     pick_option(page, "tinv-compare-run", "alpha · 2026-12-01 10:00 · steps 2–4 (2) · alpha")

@@ -25,7 +25,6 @@ from .context import UIContext, loss_frame, md_text, preview_caption, progress_h
 from .create_tab import refuse_the_trained_embedding
 from .errors import user_errors
 
-WATCH_SECONDS = 2.0  # how often the view checks whether the training job started or ended
 MAX_PREVIEWS = 48  # newest previews of an opened run shown
 COLUMNS = ["Embedding", "Started", "Steps", "Final loss", "Folder"]
 # (label, key in the settings JSON): A1111's keys, which every run of A1111 and of ours writes
@@ -62,9 +61,10 @@ class RunHistory:
     timer: gr.Timer
 
 
-def build_run_history(ctx: UIContext, progress: gr.HTML) -> RunHistory:
+def build_run_history(ctx: UIContext, progress: gr.HTML, timer: gr.Timer) -> RunHistory:
     """The "Runs" tab of the Train panel's right column. `progress` is the Current run's progress bar: with no
-    job in this process it says how many earlier runs the list holds."""
+    job in this process it says how many earlier runs the list holds. `timer` is the Train tab's poll timer: at
+    each tick the view checks whether a job started or ended, and reads the list again when it did."""
     with gr.Tab("Runs", id="runs", elem_id="tinv-train-runs") as tab:
         count = gr.Markdown("", elem_id="tinv-runs-count")
         table = gr.Dataframe(pd.DataFrame(columns=COLUMNS), headers=COLUMNS, datatype="str", interactive=False,
@@ -90,9 +90,11 @@ def build_run_history(ctx: UIContext, progress: gr.HTML) -> RunHistory:
                                 elem_id="tinv-runs-settings")
         with gr.Accordion("Settings JSON", open=False):
             settings_json = gr.Code("", language="json", interactive=False, elem_id="tinv-runs-json")
-        timer = gr.Timer(WATCH_SECONDS)  # inside the tab: a timer ticks only where the page renders it
+        # States inside the tab: a component made in the `gr.Tabs` but outside every `gr.Tab` makes Gradio draw
+        # the next tab's button twice.
+        listed, opened, used, job_seen = gr.State([]), gr.State(""), gr.State(""), gr.State(None)
     view = RunHistory(table, run, refresh, summary, gallery, plot, settings, settings_json, step, name, overwrite,
-                      use, status, gr.State([]), gr.State(""), gr.State(""), None, gr.State(None), timer)
+                      use, status, listed, opened, used, None, job_seen, timer)
     _wire(ctx, view, tab, count, progress)
     return view
 

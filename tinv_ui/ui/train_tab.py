@@ -90,6 +90,7 @@ def template_choices(ctx: UIContext) -> list[tuple[str, str]]:
 def build_train_tab(ctx: UIContext) -> TrainTab:
     """Build the tab (settings left, live progress right) and wire its events; returns its components."""
     form = Form(TrainConfig, "train")
+    timer = gr.Timer(POLL_SECONDS)  # every open page polls the job with it (and the Runs view watches it end)
     with gr.Row():
         with gr.Column(scale=6):
             embedding, refresh = _embedding_row(ctx, form)
@@ -112,10 +113,10 @@ def build_train_tab(ctx: UIContext) -> TrainTab:
                 plot = gr.LinePlot(None, x="step", y="loss", title="Loss", height=240, elem_id="tinv-loss-plot")
                 saved = gr.Textbox(label="Last saved file", interactive=False, buttons=["copy"], elem_id="tinv-train-saved")
                 message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tinv-train-message")
-            runs_view = build_run_history(ctx, progress)
+            runs_view = build_run_history(ctx, progress, timer)
             build_compare_tab(ctx)
     tab = TrainTab(embedding, refresh, form, dataset.folder, dataset.files, dataset.note, start, interrupt, progress,
-                   gallery, plot, saved, message, gr.State({}), gr.Timer(POLL_SECONDS), last_prompt=last_prompt,
+                   gallery, plot, saved, message, gr.State({}), timer, last_prompt=last_prompt,
                    newest=newest, form_state=form_state, runs=runs_view)
     _wire(ctx, tab)
     wire_dataset_area(ctx, form, embedding, dataset, check_paths)
