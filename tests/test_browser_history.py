@@ -51,6 +51,8 @@ def test_runs_from_an_earlier_process_are_listed_opened_and_a_step_is_used(studi
         page = open_page(browser, app.url)
         page.get_by_role("tab", name="Train").click()
         expect(page.locator("#tinv-train-progress")).to_contain_text("No run in this session; 3 earlier runs under Runs")
+        page.wait_for_timeout(2500)  # a few ticks of the poll timer the Runs view watches: the line stays
+        expect(page.locator("#tinv-train-progress")).to_contain_text("No run in this session; 3 earlier runs under Runs")
 
         page.get_by_role("tab", name="Runs").click()
         table = page.locator("#tinv-runs-table")

@@ -116,7 +116,7 @@ def _wire(ctx: UIContext, view: RunHistory, tab: gr.Tab, count: gr.Markdown, pro
 
     def watch(seen: Any, selected: str | None) -> list[Any]:
         if _job_state(ctx) == seen:
-            return [gr.skip()] * (len(listing) - 1) + [seen]
+            return [gr.skip()] * len(listing)  # nothing started or ended: the page keeps what it shows
         return listing_update(selected)
 
     def pick_row(keys: list[str], evt: gr.SelectData) -> Any:
