@@ -143,8 +143,9 @@ def _wire(ctx: UIContext, view: RunHistory, tab: gr.Tab, count: gr.Markdown, pro
         ctx.refresh_library()
         return _used_message(ctx, run, step, path), path.stem
 
-    gr.on(None, lambda: listing_update(None), outputs=listing, api_visibility="private")  # on page load
-    tab.select(listing_update, inputs=view.run, outputs=listing, api_visibility="private")
+    # Page load and the tab's select also write the Current run's bar: no "pending" overlay on it for those.
+    gr.on(None, lambda: listing_update(None), outputs=listing, show_progress="hidden", api_visibility="private")
+    tab.select(listing_update, inputs=view.run, outputs=listing, show_progress="hidden", api_visibility="private")
     view.refresh.click(listing_update, inputs=view.run, outputs=listing, api_name="list_runs")
     view.timer.tick(watch, inputs=[view.job_seen, view.run], outputs=listing, show_progress="hidden",
                     api_visibility="private")
