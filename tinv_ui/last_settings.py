@@ -20,7 +20,7 @@ from typing import Any
 from .config import TrainConfig, field_spec
 from .errors import ConfigError
 from .jobs import JobSnapshot, JobStatus
-from .runs import RunRecord, list_runs
+from .runs import latest_run
 
 MAX_TEXT = 4096  # a text setting longer than this is not one the form wrote
 NOT_REMEMBERED = ("embedding",)  # the form's own choice: the settings are looked up for it
@@ -42,17 +42,11 @@ def remembered_settings(name: str, job_cfg: TrainConfig | None, job_running: boo
     if job_cfg is not None and job_cfg.embedding.lower() == name.strip().lower():
         values = {k: _shown(v) for k, v in asdict(job_cfg).items() if k not in NOT_REMEMBERED}
         return Remembered(values, "the run in progress" if job_running else "the last run")
-    run = newest_run(log_root, name)
+    run = latest_run(log_root, name)
     if run is None:
         return Remembered({}, "")
     values, skipped = checked_values(run.config)
     return Remembered(values, f"the run of {run.started:%Y-%m-%d %H:%M}", skipped)
-
-
-def newest_run(log_root: Path, name: str) -> RunRecord | None:
-    """The run of `name` whose settings file is newest (a resumed run adds a newer one to an older folder)."""
-    runs = [run for run in list_runs(log_root, name) if run.config and run.settings_path is not None]
-    return max(runs, key=lambda run: run.settings_path.name, default=None)
 
 
 def checked_values(config: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:

@@ -65,14 +65,15 @@ class RunRecord:
         """(step, loss) rows of the run's loss CSV, in file order; rows that do not parse are skipped."""
         return read_losses(self.loss_csv)
 
-    def last_step(self) -> int:
-        """The newest step the run reached on disk: its last loss row, copy or preview (0 when none)."""
-        rows = self.losses()
+    def last_step(self, losses: list[tuple[int, float]] | None = None) -> int:
+        """The newest step the run reached on disk: its last loss row, copy or preview (0 when none).
+        `losses`: the rows already read with `losses()` (a loss CSV may be long; it is read once)."""
+        rows = self.losses() if losses is None else losses
         steps = [rows[-1][0]] if rows else []
         return max(steps + list(self.copies) + list(self.previews), default=0)
 
-    def final_loss(self) -> float | None:
-        rows = self.losses()
+    def final_loss(self, losses: list[tuple[int, float]] | None = None) -> float | None:
+        rows = self.losses() if losses is None else losses
         return rows[-1][1] if rows else None
 
 
@@ -106,8 +107,10 @@ def list_runs(root: Path, name: str | None = None, limit: int = MAX_RUNS) -> lis
 
 
 def latest_run(root: Path, name: str) -> RunRecord | None:
-    """The newest run of embedding `name` that recorded its settings (None when there is none)."""
-    return next((run for run in list_runs(root, name) if run.config), None)
+    """The run of embedding `name` whose settings file is newest (a resumed run adds a newer one to an older
+    folder), among those that recorded their settings; None when there is none."""
+    recorded = [run for run in list_runs(root, name) if run.config and run.settings_path is not None]
+    return max(recorded, key=lambda run: run.settings_path.name, default=None)
 
 
 def run_key(run: RunRecord) -> str:

@@ -198,21 +198,17 @@ def _label(run: RunRecord) -> str:
 
 def _row(run: RunRecord) -> list[str]:
     losses = run.losses()
-    last = _last_step(run, losses)
+    last, final = run.last_step(losses), run.final_loss(losses)
     steps = f"{last}/{run.max_steps}" if run.max_steps else str(last)
-    loss = f"{losses[-1][1]:.4f}" if losses else "-"
+    loss = f"{final:.4f}" if final is not None else "-"
     return [run.name, f"{run.started:%Y-%m-%d %H:%M:%S}", steps, loss, runs.run_key(run)]
-
-
-def _last_step(run: RunRecord, losses: list[tuple[int, float]]) -> int:
-    """`RunRecord.last_step` from losses already read (a loss CSV may be long)."""
-    return max(([losses[-1][0]] if losses else []) + list(run.copies) + list(run.previews), default=0)
 
 
 def _summary(run: RunRecord, losses: list[tuple[int, float]]) -> str:
     """Markdown: the opened run in two lines (every name is shown literally)."""
-    steps = f"{_last_step(run, losses)}" + (f" of {run.max_steps}" if run.max_steps else "")
-    loss = f"{losses[-1][1]:.4f}" if losses else "none recorded"
+    steps = f"{run.last_step(losses)}" + (f" of {run.max_steps}" if run.max_steps else "")
+    final = run.final_loss(losses)
+    loss = f"{final:.4f}" if final is not None else "none recorded"
     copies = ", ".join(str(s) for s in run.copies) or "none"
     return (f"**{md_text(run.name)}**, started {run.started:%Y-%m-%d %H:%M:%S}: {steps} steps, final loss {loss}\n\n"
             f"Saved copies at steps {copies}; {len(run.previews)} previews; folder {md_text(display_path(run.folder))}")
