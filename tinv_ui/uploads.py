@@ -7,14 +7,13 @@ Nothing outside the dataset folder is written.
 
 Uploading the same files again reuses their folder instead of making a copy each time: each upload folder
 holds a manifest (`.tinv-upload.json`, hidden, so the dataset reader passes over it) with the sha256 of every
-file under its name; the key is the hash of that sorted (name, sha256) list. An upload of captions only
+file under its name; an upload with the same {name: sha256} reuses the folder. An upload of captions only
 (`.txt` files, no image) goes into the current upload folder beside the images of the same name.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import re
 import shutil
@@ -29,7 +28,7 @@ from .fileio import atomic_write, atomic_write_text, file_sha256
 CAPTION_SUFFIXES = {CAPTION_SUFFIX}
 MAX_NAME = 120
 MAX_LABEL = 60  # of the dataset folder's name, before its time stamp
-MANIFEST = ".tinv-upload.json"  # in each upload folder: {"key": ..., "files": {name: sha256}}
+MANIFEST = ".tinv-upload.json"  # in each upload folder: {"files": {name: sha256}}
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest larger than this is not ours (or not worth reading): ignored
 NOT_KEPT = "not an image or a .txt caption"
 NO_IMAGE = "not the .txt caption of an image in the dataset folder"
@@ -140,9 +139,9 @@ def import_captions(files: list[str | Path], folder: Path) -> ImportedDataset:
     written: dict[str, str] = {}
     ignored: list[str] = []
     for src in map(Path, files):
-        stem = Path(safe_file_name(src.name)).stem
-        image = images.get(stem.lower())
-        if image is None or Path(safe_file_name(src.name)).suffix.lower() != CAPTION_SUFFIX:
+        name = Path(safe_file_name(src.name))
+        image = images.get(name.stem.lower())
+        if image is None or name.suffix.lower() != CAPTION_SUFFIX:
             ignored.append(src.name)
             continue
         dest = image.with_suffix(CAPTION_SUFFIX)
@@ -151,11 +150,6 @@ def import_captions(files: list[str | Path], folder: Path) -> ImportedDataset:
     if written and (hashes := _read_manifest(folder)) is not None:
         _write_manifest(folder, {**hashes, **written})
     return ImportedDataset(folder, 0, len(written), tuple(ignored), NO_IMAGE, captions_only=True)
-
-
-def content_key(hashes: dict[str, str]) -> str:
-    """The identity of a set of files: sha256 of the sorted (name, sha256) pairs."""
-    return hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest()
 
 
 def _new_folder(outputs_dir: Path, label: str) -> Path:
@@ -169,7 +163,7 @@ def _new_folder(outputs_dir: Path, label: str) -> Path:
 
 
 def _write_manifest(folder: Path, hashes: dict[str, str]) -> None:
-    atomic_write_text(folder / MANIFEST, json.dumps({"key": content_key(hashes), "files": hashes}, indent=1))
+    atomic_write_text(folder / MANIFEST, json.dumps({"files": hashes}, indent=1))
 
 
 def _read_manifest(folder: Path) -> dict[str, str] | None:
@@ -191,12 +185,10 @@ def _earlier_upload(outputs_dir: Path, hashes: dict[str, str]) -> Path | None:
     root = Path(outputs_dir) / "datasets"
     if not root.is_dir():
         return None
-    key = content_key(hashes)
     for folder in sorted(root.iterdir()):
         if not folder.is_dir() or folder.is_symlink():
             continue
-        recorded = _read_manifest(folder)
-        if recorded is None or content_key(recorded) != key:
+        if _read_manifest(folder) != hashes:  # recorded for other files (or no manifest)
             continue
         present = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
         if present == set(hashes) and all(file_sha256(folder / n) == sha for n, sha in hashes.items()):
