@@ -35,7 +35,7 @@ from .embedding import Embedding
 from .errors import ConfigError, TinvError
 from .events import Compared, Generated, Step
 from .fileio import disk_full_is_said, file_sha256
-from .library import width_label
+from .library import fit_problem
 from .runs import RunRecord, list_runs
 from .tokens import PromptTokenizer
 
@@ -185,16 +185,11 @@ def _read_copy(studio: Studio, run: RunRecord, step: int) -> _Copy:
         emb = formats.read(path)
     except TinvError as e:
         raise ConfigError(f"steps: the copy for step {step} cannot be used: {e}") from None
-    if studio.is_sdxl:
-        have = (int(emb.parts["clip_l"].shape[1]), int(emb.parts["clip_g"].shape[1])) if emb.is_sdxl else None
-        fits = have == studio.embedding_parts
-    else:
-        fits = not emb.is_sdxl and emb.width == studio.embedding_width
-    if not fits:
+    if problem := fit_problem(emb, studio.embedding_width, studio.embedding_parts):  # the library's own rule
         model = run.settings.get("model_name")
         trained_on = f" ({model})" if isinstance(model, str) and model else ""
-        raise ConfigError(f"run {run.name}: its copies are {width_label(emb.width)} wide; the loaded model needs "
-                          f"{width_label(studio.embedding_width)}. Load the model it was trained on{trained_on}.")
+        raise ConfigError(f"run {run.name}: its copy at step {step} cannot be used: {problem}. Load the model it "
+                          f"was trained on{trained_on}.")
     return _Copy(step, path, emb, file_sha256(path)[:12])
 
 

@@ -86,6 +86,15 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def fit_problem(emb: Embedding, expected_width: int | None, expected_parts: tuple[int, int] | None) -> str:
+    """Why an embedding cannot be used with the loaded model (its family, SD 1.x/2.x vs SDXL, or its width), or
+    "". `expected_width`/`expected_parts`: the studio's `embedding_width`/`embedding_parts` (None: no model)."""
+    family = _family_mismatch(emb, expected_width, expected_parts)
+    if family or expected_width is None or emb.width == expected_width:
+        return family
+    return f"width {width_label(emb.width)} does not fit the loaded model's {width_label(expected_width)}; load a matching model"
+
+
 def _family_mismatch(emb: Embedding, expected_width: int | None, expected_parts: tuple[int, int] | None) -> str:
     """Why an embedding cannot be used with the loaded model's family (SD 1.x/2.x vs SDXL), or ""."""
     if expected_parts is not None:
@@ -235,13 +244,7 @@ class EmbeddingLibrary:
                 continue
             emb = parsed.embedding
             # 2. family and width check against the loaded model
-            family_reason = _family_mismatch(emb, expected_width, expected_parts)
-            if family_reason:
-                skipped.append(Skipped(path, emb.name, family_reason))
-                continue
-            if expected_width is not None and emb.width != expected_width:
-                reason = (f"width {width_label(emb.width)} does not fit the loaded model's "
-                          f"{width_label(expected_width)}; load a matching model")
+            if reason := fit_problem(emb, expected_width, expected_parts):
                 skipped.append(Skipped(path, emb.name, reason))
                 continue
             by_name.setdefault(emb.name, []).append(LibraryEntry(emb.name, path, emb, parsed.sha256))

@@ -49,7 +49,7 @@ def use_step(run: RunRecord, step: int, name: str, embeddings_dir: str | Path, o
     meta = dict(emb.meta)
     if name.lower() != run.name.lower():
         meta.pop("token", None)  # a diffusers file's token is its name's; the new name is the word now
-    sidecar = copy.with_name(copy.name + ".optim") if formats.read_optim_sidecar(copy, emb) is not None else None
+    sidecar = formats.optim_path(copy) if formats.read_optim_sidecar(copy, emb) is not None else None
     with disk_full_is_said(path, "free some space and use the step again (an existing file of that name is unchanged)."):
         formats.write(replace(emb, name=name, step=step, meta=meta), path)
         target_optim = formats.optim_path(path)
